@@ -1,0 +1,52 @@
+"""lmscalpel: minimally invasive surgery on language models.
+
+import lmscalpel as ls
+lm = ls.load_model()                       # embedded SmolLM2-135M-Instruct, offline
+request = ls.EditRequest(prompt="The Eiffel Tower is located in the city of",
+                         subject="Eiffel Tower", target_new="Rome", target_true="Paris")
+patch = ls.edit(lm, request, method="ft-l") # applied; patch.revert() undoes it exactly
+patch.save("eiffel.patch")
+"""
+
+__version__ = "0.1.0"
+
+from .config import ConfigError, MethodConfig
+from .editing import edit, validate_requests
+from .methods import available_methods, get_editor
+from .models import LoadedModel, load_model, wrap_model
+from .patch import Patch, PatchError, PatchMismatchError
+from .requests import (
+    EditRequest,
+    EditRequestError,
+    LocalityProbe,
+    PortabilityProbe,
+    load_requests,
+    save_requests,
+)
+from .scoring import TargetScore, generate, score_targets, top_tokens
+
+__all__ = [
+    "ConfigError",
+    "EditRequest",
+    "EditRequestError",
+    "LoadedModel",
+    "LocalityProbe",
+    "MethodConfig",
+    "Patch",
+    "PatchError",
+    "PatchMismatchError",
+    "PortabilityProbe",
+    "TargetScore",
+    "__version__",
+    "available_methods",
+    "edit",
+    "generate",
+    "get_editor",
+    "load_model",
+    "load_requests",
+    "save_requests",
+    "score_targets",
+    "top_tokens",
+    "validate_requests",
+    "wrap_model",
+]

@@ -1,0 +1,61 @@
+"""The demo: one real edit on the embedded model, shown before and after, then reverted."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+from .editing import edit
+from .methods import available_methods
+from .models import load_model
+from .models.fingerprint import tensor_digest
+from .report import before_after_table, probe, probes_for
+from .requests import EditRequest, LocalityProbe
+
+DEMO_REQUEST = EditRequest(
+    prompt="The Eiffel Tower is located in the city of",
+    subject="Eiffel Tower",
+    target_new="Rome",
+    target_true="Paris",
+    paraphrases=("The Eiffel Tower can be found in the city of",),
+    locality=(LocalityProbe("The Louvre is located in the city of", "Paris"),),
+)
+
+PREFERRED_METHODS = ("rome", "ft-l")
+
+
+def default_demo_method() -> str:
+    """The best method available: ROME once it exists, else FT-L."""
+    return next(m for m in PREFERRED_METHODS if m in available_methods())
+
+
+def run_demo(console: Console, model: str | None = None, method: str | None = None) -> None:
+    method = method or default_demo_method()
+    start = time.perf_counter()
+    with console.status("loading the model (the first run converts it; about a minute)..."):
+        lm = load_model(model)
+    console.print(f"loaded {lm.name} in {time.perf_counter() - start:.1f} s: {lm}")
+    probes = probes_for(DEMO_REQUEST)
+    before = probe(lm, probes)
+    start = time.perf_counter()
+    with console.status(f"editing with {method}..."):
+        patch = edit(lm, DEMO_REQUEST, method=method)
+    seconds = time.perf_counter() - start
+    after = probe(lm, probes)
+    console.print(
+        before_after_table(before, after, title=f"{method}: Eiffel Tower → Rome ({seconds:.1f} s)")
+    )
+    console.print(patch)
+    patch.revert()
+    restored = all(
+        tensor_digest(lm.model.get_parameter(name)) == digest
+        for name, digest in patch.base_digests.items()
+    )
+    reverted = probe(lm, probes[:1])[0]
+    console.print(
+        f"reverted: weights {'restored bit-exactly' if restored else 'NOT restored'}; "
+        f"the model says again: {DEMO_REQUEST.prompt} [bold]{reverted.answer}[/bold]"
+    )
+    if not restored:
+        raise SystemExit("revert failed")

@@ -1,0 +1,50 @@
+"""The one entry point for editing: validate requests, run a method, return (and apply) a patch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import MethodConfig
+from .methods import get_editor
+from .models.loaded import LoadedModel
+from .patch import Patch
+from .requests import EditRequest, EditRequestError, as_requests
+from .tokens import SubjectNotFoundError, subject_token_positions
+
+
+def validate_requests(lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
+    """Check every request against the model before anything is computed."""
+    for i, request in enumerate(requests):
+        where = f"request {i}" + (
+            f" (case {request.case_id})" if request.case_id is not None else ""
+        )
+        try:
+            request.check_fits(lm.tokenizer, lm.adapter.max_context)
+            subject_token_positions(lm, request.prompt, request.subject)
+        except (EditRequestError, SubjectNotFoundError) as error:
+            raise EditRequestError(f"{where}: {error}") from None
+
+
+def edit(
+    lm: LoadedModel,
+    requests: EditRequest | Sequence[EditRequest],
+    method: str = "ft-l",
+    config: MethodConfig | dict[str, Any] | str | Path | None = None,
+    *,
+    apply: bool = True,
+) -> Patch:
+    """Edit ``lm`` so that each request's prompt continues with its ``target_new``.
+
+    All requests are validated first; the method computes a :class:`Patch` without changing the
+    model; with ``apply`` (the default) the patch is then applied whole. Revert it with
+    ``patch.revert()``.
+    """
+    requests = as_requests(requests)
+    validate_requests(lm, requests)
+    editor = get_editor(method, config)
+    patch = editor.compute(lm, requests, editor.config_for(lm))
+    if apply:
+        patch.apply(lm)
+    return patch

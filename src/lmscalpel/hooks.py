@@ -1,0 +1,140 @@
+"""Context managers that read or rewrite what a module sees and produces.
+
+Every hook installed here is removed when the ``with`` block ends, also when the block raises.
+Modules are named by their dotted path in ``model.named_modules()`` (an adapter supplies the
+names, so nothing here knows an architecture).
+
+    with capture(model, ["model.layers.3.mlp.down_proj"], inputs=True) as seen:
+        model(input_ids)
+    keys = seen["model.layers.3.mlp.down_proj"].input        # (batch, seq, d_mlp)
+
+    with edit_output(model, "model.layers.3.mlp", lambda h: h + delta):
+        model(input_ids)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models.adapter import first_tensor, replace_first_tensor
+
+
+class StopForward(Exception):  # a control-flow signal, not an error
+    """Raised inside a forward pass to skip the layers after the last captured module."""
+
+
+@dataclass
+class Captured:
+    """What one module saw (``input``: its first positional argument) and produced."""
+
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+def _keep(tensor: torch.Tensor, detach: bool, clone: bool) -> torch.Tensor:
+    if detach:
+        tensor = tensor.detach()
+    return tensor.clone() if clone else tensor
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    names: str | Sequence[str],
+    *,
+    inputs: bool = False,
+    outputs: bool = True,
+    detach: bool = True,
+    clone: bool = False,
+    stop: bool = False,
+) -> Iterator[dict[str, Captured]]:
+    """Record the input and/or output hidden tensor of each named module during the block.
+
+    With ``stop=True`` the forward pass is cut short right after the last named module has run
+    (``StopForward`` is raised there and swallowed on exit), which saves the cost of the layers
+    above it. With ``detach=False`` the captured tensors keep their autograd graph.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    records = {name: Captured() for name in names}
+    pending = set(names)
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            record = records[name]
+            if inputs:
+                value = args[0] if args else next(iter(kwargs.values()))
+                record.input = _keep(first_tensor(value), detach, clone)
+            if outputs:
+                record.output = _keep(first_tensor(output), detach, clone)
+            pending.discard(name)
+            if stop and not pending:
+                raise StopForward
+
+        return hook
+
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+        yield records
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_output(
+    model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the named module's hidden-state output by ``fn(output)`` during the block."""
+    with edit_outputs(model, {name: fn}):
+        yield
+
+
+@contextmanager
+def edit_outputs(
+    model: nn.Module, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    """:func:`edit_output` for several modules at once."""
+    handles = []
+
+    def make_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            return replace_first_tensor(output, fn(first_tensor(output)))
+
+        return hook
+
+    try:
+        for name, fn in edits.items():
+            handles.append(model.get_submodule(name).register_forward_hook(make_hook(fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def add_at_positions(
+    vector: torch.Tensor, positions: Sequence[int] | torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ``edit_output`` function that adds ``vector`` (d,) at one position per batch row.
+
+    ``positions[b]`` is the token index in row ``b``; the result is a new tensor, so autograd
+    flows into ``vector``.
+    """
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        pos = torch.as_tensor(positions, device=hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        mask = torch.zeros(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        mask[rows, pos] = 1.0
+        return hidden + mask.unsqueeze(-1) * vector.to(hidden.dtype)
+
+    return fn

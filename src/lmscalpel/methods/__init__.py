@@ -1,0 +1,21 @@
+"""Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
+
+from . import ft
+from .base import (
+    Editor,
+    available_methods,
+    editor_class,
+    get_editor,
+    register,
+    resolve_layers,
+)
+
+__all__ = [
+    "Editor",
+    "available_methods",
+    "editor_class",
+    "ft",
+    "get_editor",
+    "register",
+    "resolve_layers",
+]

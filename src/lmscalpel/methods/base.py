@@ -1,0 +1,105 @@
+"""The editor protocol and the method registry.
+
+Every editing method is an :class:`Editor` subclass in its own module, registered by name with
+:func:`register`. An editor turns a model and edit requests into a :class:`~lmscalpel.patch.Patch`
+*without changing the model* (it may change weights temporarily, but must restore them exactly,
+also on error); the caller decides whether to apply the patch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import ConfigError, MethodConfig
+from ..models.loaded import LoadedModel, PromptRewriter
+from ..patch import Patch, PatchError
+from ..requests import EditRequest
+
+
+class Editor(ABC):
+    """One editing method. Subclasses set ``name``, ``config_class`` and ``citation`` and
+    implement :meth:`compute`; in-context methods set ``kind = "context"`` and implement
+    :meth:`build_rewriter`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    citation: ClassVar[str] = ""
+    kind: ClassVar[str] = "weights"
+
+    def __init__(self, config: MethodConfig | dict[str, Any] | str | Path | None = None) -> None:
+        self._config = config
+
+    def config_for(self, lm: LoadedModel) -> MethodConfig:
+        """The configuration to use on ``lm``: the given one, or the family defaults."""
+        config = self._config
+        if config is None:
+            return self.config_class.for_model(lm.model_type)
+        if isinstance(config, (str, Path)):
+            return self.config_class.from_yaml(config, lm.model_type)
+        if isinstance(config, dict):
+            return self.config_class.from_dict(config, lm.model_type)
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"method {self.name!r} takes a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        return config
+
+    @abstractmethod
+    def compute(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], config: MethodConfig
+    ) -> Patch:
+        """Compute the patch that makes ``requests`` true; leave ``lm`` exactly as it was."""
+
+    def build_rewriter(self, patch: Patch, lm: LoadedModel) -> PromptRewriter:
+        """For in-context methods: the prompt rewriter that realises an applied patch."""
+        raise PatchError(f"method {self.name!r} makes weight patches, not in-context ones")
+
+
+_REGISTRY: dict[str, type[Editor]] = {}
+
+
+def register(cls: type[Editor]) -> type[Editor]:
+    """Class decorator: make an editor available by its ``name``."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def editor_class(name: str) -> type[Editor]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown editing method {name!r}; available: {', '.join(available_methods())}"
+        ) from None
+
+
+def get_editor(
+    name: str, config: MethodConfig | dict[str, Any] | str | Path | None = None
+) -> Editor:
+    """An editor instance of method ``name`` (optionally with a config, dict or YAML path)."""
+    return editor_class(name)(config)
+
+
+def resolve_layers(
+    layers: Sequence[int] | None, default: Sequence[float], n_layers: int
+) -> list[int]:
+    """Layer indices from a config: explicit (negative counts from the top) or, when ``None``,
+    ``default`` given as fractions of the depth (so shallow test models get sensible layers)."""
+    if layers is None:
+        chosen = sorted({min(n_layers - 1, round(f * (n_layers - 1))) for f in default})
+    else:
+        chosen = [layer + n_layers if layer < 0 else layer for layer in layers]
+    for layer in chosen:
+        if not 0 <= layer < n_layers:
+            raise ConfigError(f"layer {layer} out of range for a model with {n_layers} layers")
+    return chosen

@@ -1,0 +1,234 @@
+"""Edit requests: what to change, and the probes that show whether the change took and stayed put.
+
+An :class:`EditRequest` holds the prompt (with the subject verbatim, or a ``{}`` placeholder that
+the subject fills), the subject, the new target and optionally the true one, paraphrases
+(generalization), locality probes (unrelated prompts with their expected answers) and portability
+probes (consequences of the edit: multi-hop, reverse, alias). Requests validate themselves on
+construction and are stored as JSON or JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PORTABILITY_KINDS = ("multi-hop", "reverse", "alias", "reasoning", "other")
+
+
+class EditRequestError(ValueError):
+    """A malformed edit request; the message says which field and why."""
+
+
+def _text(value: Any, what: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise EditRequestError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
+    if not allow_empty and not value.strip():
+        raise EditRequestError(f"{what} is empty")
+    return value
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise EditRequestError(f"{what} must be a list of strings, got {type(value).__name__}")
+    return tuple(_text(v, f"{what}[{i}]") for i, v in enumerate(value))
+
+
+def fill_subject(prompt: str, subject: str, what: str = "prompt") -> str:
+    """``prompt`` with a ``{}`` placeholder replaced by ``subject``; the subject must then occur
+    verbatim."""
+    if "{}" in prompt:
+        prompt = prompt.replace("{}", subject, 1)
+    if subject not in prompt:
+        raise EditRequestError(
+            f"subject {subject!r} not found in the {what} {prompt!r}: the {what} must contain "
+            "the subject verbatim (same case and spacing) or a {} placeholder for it"
+        )
+    return prompt
+
+
+@dataclass(frozen=True)
+class LocalityProbe:
+    """An unrelated prompt whose answer must not change; ``answer`` is what the model should say."""
+
+    prompt: str
+    answer: str
+    kind: str = "neighborhood"
+
+    def __post_init__(self) -> None:
+        _text(self.prompt, "locality prompt")
+        _text(self.answer, f"answer of locality prompt {self.prompt!r}")
+        _text(self.kind, "locality kind")
+
+
+@dataclass(frozen=True)
+class PortabilityProbe:
+    """A prompt whose answer should follow from the edit (multi-hop, reverse, alias...)."""
+
+    prompt: str
+    answer: str
+    kind: str = "multi-hop"
+    answer_before: str | None = None  # the answer the unedited model should give, when known
+
+    def __post_init__(self) -> None:
+        _text(self.prompt, "portability prompt")
+        _text(self.answer, f"answer of portability prompt {self.prompt!r}")
+        if self.kind not in PORTABILITY_KINDS:
+            raise EditRequestError(
+                f"portability kind {self.kind!r} unknown; use one of {', '.join(PORTABILITY_KINDS)}"
+            )
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to rewrite: after the edit, ``prompt`` should continue with ``target_new``.
+
+    ``prompt`` may contain ``{}`` for the subject; it is stored with the subject filled in, and
+    :attr:`template` gives the ``{}`` form back. Paraphrases may use either form too.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    locality: tuple[LocalityProbe, ...] = ()
+    portability: tuple[PortabilityProbe, ...] = ()
+    case_id: int | str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        subject = _text(self.subject, "subject")
+        if subject != subject.strip():
+            raise EditRequestError(f"subject {subject!r} has leading or trailing white space")
+        prompt = fill_subject(_text(self.prompt, "prompt"), subject)
+        object.__setattr__(self, "prompt", prompt)
+        new = _text(self.target_new, "target_new")
+        if self.target_true is not None:
+            true = _text(self.target_true, "target_true")
+            if new.strip() == true.strip():
+                raise EditRequestError(
+                    f"target_new equals target_true ({new.strip()!r}): nothing to edit"
+                )
+        paraphrases = tuple(
+            p.replace("{}", subject, 1) for p in _strings(self.paraphrases, "paraphrases")
+        )
+        object.__setattr__(self, "paraphrases", paraphrases)
+        object.__setattr__(
+            self, "locality", tuple(_probe(LocalityProbe, p, "locality") for p in self.locality)
+        )
+        object.__setattr__(
+            self,
+            "portability",
+            tuple(_probe(PortabilityProbe, p, "portability") for p in self.portability),
+        )
+        if self.case_id is not None and not isinstance(self.case_id, (int, str)):
+            raise EditRequestError(f"case_id must be an int or a string, got {self.case_id!r}")
+        if not isinstance(self.extra, dict):
+            raise EditRequestError("extra must be a dict")
+
+    @property
+    def template(self) -> str:
+        """The prompt with the subject's first occurrence replaced by ``{}``."""
+        return self.prompt.replace(self.subject, "{}", 1)
+
+    def check_fits(self, tokenizer, max_context: int) -> None:
+        """Raise if any prompt of this request (with its target) exceeds the model's context."""
+        for text in (self.prompt, *self.paraphrases, *(p.prompt for p in self.locality)):
+            n = len(tokenizer(f"{text} {self.target_new}")["input_ids"])
+            if n > max_context:
+                raise EditRequestError(
+                    f"prompt {text[:60]!r}... is {n} tokens with its target, longer than the "
+                    f"model's context of {max_context} tokens"
+                )
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["paraphrases"] = list(self.paraphrases)
+        data["locality"] = [asdict(p) for p in self.locality]
+        data["portability"] = [asdict(p) for p in self.portability]
+        return {k: v for k, v in data.items() if v not in (None, [], {})}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
+        if not isinstance(data, dict):
+            raise EditRequestError(f"an edit request must be a JSON object, got {data!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EditRequestError(
+                f"unknown field(s) {unknown} in edit request; known: {sorted(known)}"
+            )
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
+        if missing:
+            raise EditRequestError(f"edit request lacks required field(s) {missing}")
+        return cls(**data)
+
+
+def _probe(kind: type, value: Any, what: str):
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, dict):
+        try:
+            return kind(**value)
+        except TypeError as error:
+            raise EditRequestError(f"bad {what} probe {value!r}: {error}") from None
+    raise EditRequestError(f"{what} probe must be an object with prompt and answer, got {value!r}")
+
+
+def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:
+    """Write requests as JSONL (``.jsonl``) or a JSON list (anything else)."""
+    path = Path(path)
+    records = [r.to_dict() for r in requests]
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    """Read requests written by :func:`save_requests` (JSONL, a JSON list or one JSON object).
+
+    A malformed record raises an :class:`EditRequestError` naming its index (line, for JSONL).
+    """
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        items = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"line {line_no}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise EditRequestError(
+                        f"{path}: line {line_no}: invalid JSON: {error}"
+                    ) from None
+    else:
+        data = json.loads(text)
+        data = data if isinstance(data, list) else [data]
+        items = [(f"record {i}", d) for i, d in enumerate(data)]
+    requests = []
+    for where, item in items:
+        try:
+            requests.append(EditRequest.from_dict(item))
+        except EditRequestError as error:
+            raise EditRequestError(f"{path}: {where}: {error}") from None
+    return requests
+
+
+def as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
+    """Accept one request or several; reject anything else with a clear message."""
+    if isinstance(requests, EditRequest):
+        return [requests]
+    items = list(requests)
+    if not items:
+        raise EditRequestError("no edit requests given")
+    for i, r in enumerate(items):
+        if not isinstance(r, EditRequest):
+            raise EditRequestError(f"request {i} is a {type(r).__name__}, not an EditRequest")
+    return items

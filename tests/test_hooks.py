@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from lmscalpel.hooks import add_at_positions, capture, edit_output, edit_outputs
+
+
+def _ids(lm, text="The Eiffel Tower is located in"):
+    return torch.tensor([lm.tokenizer(text)["input_ids"]])
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_capture_reads_input_and_output(tiny):
+    a, ids = tiny.adapter, _ids(tiny)
+    with capture(tiny.model, [a.mlp_out_name(2), a.layer_name(2)], inputs=True) as seen:
+        tiny.model(ids)
+    record = seen[a.mlp_out_name(2)]
+    torch.testing.assert_close(record.output, record.input @ a.mlp_out_weight(2).T)
+    assert seen[a.layer_name(2)].output.shape == (1, ids.shape[1], 32)
+    assert _hook_count(tiny.model) == 0
+
+
+def test_edit_output_changes_the_prediction_and_is_removed(tiny):
+    a, ids = tiny.adapter, _ids(tiny)
+    clean = tiny.model(ids).logits
+    with edit_output(tiny.model, a.mlp_name(1), lambda h: h + 10.0):
+        edited = tiny.model(ids).logits
+    assert not torch.allclose(clean, edited)
+    torch.testing.assert_close(tiny.model(ids).logits, clean)
+    assert _hook_count(tiny.model) == 0
+
+
+def test_add_at_positions_touches_only_that_position(tiny):
+    a, ids = tiny.adapter, _ids(tiny)
+    vector = torch.ones(32)
+    with capture(tiny.model, a.mlp_name(1)) as before:
+        tiny.model(ids)
+    with (
+        edit_output(tiny.model, a.mlp_name(1), add_at_positions(vector, [2])),
+        capture(tiny.model, a.mlp_name(1)) as after,
+    ):
+        tiny.model(ids)
+    diff = (after[a.mlp_name(1)].output - before[a.mlp_name(1)].output).abs().sum(-1)[0]
+    assert diff[2] > 0 and diff[:2].sum() == 0 and diff[3:].sum() == 0
+
+
+def test_hooks_are_removed_when_the_body_raises(tiny):
+    a = tiny.adapter
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        capture(tiny.model, a.layer_name(0)),
+        edit_outputs(tiny.model, {a.mlp_name(0): lambda h: h, a.attn_name(1): lambda h: h}),
+    ):
+        raise RuntimeError("boom")
+    assert _hook_count(tiny.model) == 0
+
+
+def test_hooks_are_removed_when_the_forward_raises(tiny):
+    a, ids = tiny.adapter, _ids(tiny)
+
+    def explode(h):
+        raise ValueError("bad edit")
+
+    with (
+        pytest.raises(ValueError, match="bad edit"),
+        edit_output(tiny.model, a.mlp_name(0), explode),
+    ):
+        tiny.model(ids)
+    assert _hook_count(tiny.model) == 0
+
+
+def test_capture_with_stop_skips_the_upper_layers(tiny):
+    a, ids = tiny.adapter, _ids(tiny)
+    with (
+        capture(tiny.model, a.layer_name(3)) as top,
+        capture(tiny.model, a.layer_name(1), stop=True) as seen,
+    ):
+        tiny.model(ids)
+    assert seen[a.layer_name(1)].output is not None
+    assert top[a.layer_name(3)].output is None  # never reached
+    assert _hook_count(tiny.model) == 0
