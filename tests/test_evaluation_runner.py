@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import test_cli
 from lmscalpel import save_requests
 from lmscalpel.cli import app
 from lmscalpel.evaluation import EvalOptions, EvaluationError, evaluate, load_cases
@@ -88,13 +89,13 @@ def test_a_finished_run_started_again_only_rewrites_the_summary(monkeypatch, tmp
 def test_an_output_folder_of_another_run_is_refused(tmp_path):
     lm = tiny_model("llama")
     evaluate(lm, make_cases(2), "ft-l", STRONG, options=FAST, out=tmp_path, progress=False)
-    with pytest.raises(EvaluationError, match="cases differ"):
+    with pytest.raises(EvaluationError, match="other cases"):
         evaluate(lm, make_cases(3), "ft-l", STRONG, options=FAST, out=tmp_path, progress=False)
     with pytest.raises(EvaluationError, match="another configuration"):
         evaluate(lm, make_cases(2), "ft-l", {"lr": 0.01}, options=FAST, out=tmp_path,
                  progress=False)  # fmt: skip
     other = EvalOptions(**{**FAST.to_dict(), "fluency_tokens": 9})
-    with pytest.raises(EvaluationError, match="measurement differ"):
+    with pytest.raises(EvaluationError, match="other evaluation settings"):
         evaluate(lm, make_cases(2), "ft-l", STRONG, options=other, out=tmp_path, progress=False)
     summary = evaluate(lm, make_cases(3), "ft-l", STRONG, options=FAST, out=tmp_path,
                        overwrite=True, progress=False)  # fmt: skip
@@ -110,15 +111,7 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
+model_dir = test_cli.model_dir  # the fixture: a tiny model saved as a Hugging Face folder
 
 
 @pytest.fixture(scope="module")

@@ -284,6 +284,45 @@ def apply(
         console.print(f"edited model exported to {export} (loads with transformers alone)")
 
 
+_N = Annotated[int | None, typer.Option("--n", help="Number of cases (default: all).")]
+_START = Annotated[int, typer.Option(help="Skip this many cases first (after the shuffle).")]
+_SEED = Annotated[int | None, typer.Option(help="Shuffle the cases with this seed before slicing.")]
+_LAYOUT = Annotated[str, typer.Option(help="Data layout (default: detected).")]
+_PROTOCOL = Annotated[
+    str, typer.Option(help="single (edit, measure, revert), batch, or sequential.")
+]
+_BATCH = Annotated[
+    int | None, typer.Option(help="batch protocol: cases per editor call (default: all).")
+]
+_CHECKPOINTS = Annotated[
+    str, typer.Option(help="sequential protocol: re-measure all earlier edits after k edits.")
+]
+_OUT = Annotated[
+    Path | None,
+    typer.Option(
+        help="Output folder (default: runs/<methods>-<data>-<protocol>-n<N>); "
+        "the same folder resumes a killed run."
+    ),
+]
+_CONFIG = Annotated[
+    Path | None,
+    typer.Option(help="YAML hyperparameters (compare: one section per method)."),
+]
+_SETS = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Hyperparameter override key=value (compare: method.key=value)."),
+]
+_FLUENCY_CASES = Annotated[
+    int, typer.Option(help="Cases whose long generations measure fluency (0: off).")
+]
+_FLUENCY_PROMPTS = Annotated[int, typer.Option(help="Fluency prompts per case.")]
+_FLUENCY_TOKENS = Annotated[int, typer.Option(help="Tokens generated per fluency prompt.")]
+_EXACT = Annotated[
+    bool, typer.Option(help="Also judge answers by greedy generation (exact match).")
+]
+_OVERWRITE = Annotated[bool, typer.Option(help="Start over in an existing output folder.")]
+
+
 DataOption = Annotated[
     Path,
     typer.Option(
@@ -294,28 +333,30 @@ DataOption = Annotated[
 ]
 
 
-def _eval_run(
-    methods: list[str],
-    data: Path,
-    n: int | None,
-    start: int,
-    seed: int | None,
-    layout: str,
-    protocol: str,
-    batch_size: int | None,
-    checkpoints: str,
-    out: Path | None,
-    config: Path | None,
-    sets: list[str] | None,
-    model: str | None,
-    chat: bool,
-    fluency_cases: int,
-    fluency_prompts: int,
-    fluency_tokens: int,
-    exact_match: bool,
-    overwrite: bool,
+def evaluate_command(
+    methods: Annotated[
+        str, typer.Option("--method", "--methods", help="Method, or comma-separated methods.")
+    ],
+    data: DataOption,
+    n: _N = None,
+    start: _START = 0,
+    seed: _SEED = None,
+    layout: _LAYOUT = "auto",
+    protocol: _PROTOCOL = "single",
+    batch_size: _BATCH = None,
+    checkpoints: _CHECKPOINTS = "1,10,100,1000",
+    out: _OUT = None,
+    config: _CONFIG = None,
+    set_: _SETS = None,
+    model: ModelOption = None,
+    chat: ChatOption = False,
+    fluency_cases: _FLUENCY_CASES = 10,
+    fluency_prompts: _FLUENCY_PROMPTS = 2,
+    fluency_tokens: _FLUENCY_TOKENS = 100,
+    exact_match: _EXACT = True,
+    overwrite: _OVERWRITE = False,
 ) -> None:
-    """Shared body of `eval` and `compare`: load, evaluate, print and write the results."""
+    """`eval` and `compare`: load the data, evaluate, print the table and write the results."""
     import time
 
     from .evaluation import EvalOptions, MethodSpec, compare, console_table, read_dataset
@@ -336,6 +377,9 @@ def _eval_run(
         fluency_prompts=fluency_prompts,
         fluency_tokens=fluency_tokens,
     )
+    methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods:
+        raise typer.BadParameter("--method takes a method name (or several, comma-separated)")
     dataset = read_dataset(data, layout)
     cases = dataset.select(n, start=start, seed=seed)
     if dataset.problems:
@@ -344,7 +388,7 @@ def _eval_run(
             f"(first: {dataset.problems[0]})"
         )
     lm = _load(model, chat)
-    specs = [MethodSpec(m, c) for m, c in _method_configs(methods, config, sets, lm.model_type)]
+    specs = [MethodSpec(m, c) for m, c in _method_configs(methods, config, set_, lm.model_type)]
     if out is None:
         tag = f"{'+'.join(methods)}-{data.stem}-{protocol}-n{len(cases)}"
         tag += (f"-from{start}" if start else "") + (f"-seed{seed}" if seed is not None else "")
@@ -426,140 +470,14 @@ def _method_configs(methods: list[str], config: Path | None, sets: list[str] | N
     return result
 
 
-_N = Annotated[int | None, typer.Option("--n", help="Number of cases (default: all).")]
-_START = Annotated[int, typer.Option(help="Skip this many cases first (after the shuffle).")]
-_SEED = Annotated[int | None, typer.Option(help="Shuffle the cases with this seed before slicing.")]
-_LAYOUT = Annotated[str, typer.Option(help="Data layout (default: detected).")]
-_PROTOCOL = Annotated[
-    str, typer.Option(help="single (edit, measure, revert), batch, or sequential.")
-]
-_BATCH = Annotated[
-    int | None, typer.Option(help="batch protocol: cases per editor call (default: all).")
-]
-_CHECKPOINTS = Annotated[
-    str, typer.Option(help="sequential protocol: re-measure all earlier edits after k edits.")
-]
-_OUT = Annotated[
-    Path | None,
-    typer.Option(
-        help="Output folder (default: runs/<methods>-<data>-<protocol>-n<N>); "
-        "the same folder resumes a killed run."
-    ),
-]
-_CONFIG = Annotated[
-    Path | None,
-    typer.Option(help="YAML hyperparameters (compare: one section per method)."),
-]
-_SETS = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Hyperparameter override key=value (compare: method.key=value)."),
-]
-_FLUENCY_CASES = Annotated[
-    int, typer.Option(help="Cases whose long generations measure fluency (0: off).")
-]
-_FLUENCY_PROMPTS = Annotated[int, typer.Option(help="Fluency prompts per case.")]
-_FLUENCY_TOKENS = Annotated[int, typer.Option(help="Tokens generated per fluency prompt.")]
-_EXACT = Annotated[
-    bool, typer.Option(help="Also judge answers by greedy generation (exact match).")
-]
-_OVERWRITE = Annotated[bool, typer.Option(help="Start over in an existing output folder.")]
-
-
-@app.command("eval")
-@friendly
-def eval_(
-    method: Annotated[str, typer.Option(help="Editing method.")],
-    data: DataOption,
-    n: _N = None,
-    start: _START = 0,
-    seed: _SEED = None,
-    layout: _LAYOUT = "auto",
-    protocol: _PROTOCOL = "single",
-    batch_size: _BATCH = None,
-    checkpoints: _CHECKPOINTS = "1,10,100,1000",
-    out: _OUT = None,
-    config: _CONFIG = None,
-    set_: _SETS = None,
-    model: ModelOption = None,
-    chat: ChatOption = False,
-    fluency_cases: _FLUENCY_CASES = 10,
-    fluency_prompts: _FLUENCY_PROMPTS = 2,
-    fluency_tokens: _FLUENCY_TOKENS = 100,
-    exact_match: _EXACT = True,
-    overwrite: _OVERWRITE = False,
-) -> None:
-    """Evaluate a method on a benchmark: efficacy, generalization, locality, portability, fluency."""
-    _eval_run(
-        [method],
-        data,
-        n,
-        start,
-        seed,
-        layout,
-        protocol,
-        batch_size,
-        checkpoints,
-        out,
-        config,
-        set_,
-        model,
-        chat,
-        fluency_cases,
-        fluency_prompts,
-        fluency_tokens,
-        exact_match,
-        overwrite,
-    )
-
-
-@app.command()
-@friendly
-def compare(
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. ft-l,ft-m.")],
-    data: DataOption,
-    n: _N = None,
-    start: _START = 0,
-    seed: _SEED = None,
-    layout: _LAYOUT = "auto",
-    protocol: _PROTOCOL = "single",
-    batch_size: _BATCH = None,
-    checkpoints: _CHECKPOINTS = "1,10,100,1000",
-    out: _OUT = None,
-    config: _CONFIG = None,
-    set_: _SETS = None,
-    model: ModelOption = None,
-    chat: ChatOption = False,
-    fluency_cases: _FLUENCY_CASES = 10,
-    fluency_prompts: _FLUENCY_PROMPTS = 2,
-    fluency_tokens: _FLUENCY_TOKENS = 100,
-    exact_match: _EXACT = True,
-    overwrite: _OVERWRITE = False,
-) -> None:
-    """Evaluate several methods on the same cases in one run, side by side."""
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise typer.BadParameter("--methods takes a comma-separated list of methods")
-    _eval_run(
-        names,
-        data,
-        n,
-        start,
-        seed,
-        layout,
-        protocol,
-        batch_size,
-        checkpoints,
-        out,
-        config,
-        set_,
-        model,
-        chat,
-        fluency_cases,
-        fluency_prompts,
-        fluency_tokens,
-        exact_match,
-        overwrite,
-    )
+app.command(
+    "eval",
+    help="Evaluate a method on a benchmark: efficacy, generalization, locality, portability, "
+    "fluency; the unedited model is the baseline row.",
+)(friendly(evaluate_command))
+app.command(
+    "compare", help="Evaluate several methods (--methods a,b) on the same cases, side by side."
+)(friendly(evaluate_command))
 
 
 @app.command()

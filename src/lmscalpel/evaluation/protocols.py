@@ -122,6 +122,49 @@ class _PristineCheck:
             raise EvaluationError(f"{self.what}: in-context patches were left applied")
 
 
+def _run_groups(
+    lm: LoadedModel,
+    editor: Editor,
+    config: MethodConfig,
+    label: str,
+    groups: Sequence[Sequence[EvalCase]],
+    pre: dict[str, dict[str, Any]],
+    options: EvalOptions,
+    store: RunStore,
+    fluency_keys: Collection[str],
+    progress: bool,
+    desc: str,
+) -> None:
+    """Edit each group of cases in one editor call on the pristine model, measure the group,
+    revert, verify the revert, record each case."""
+    sink = store.cases(label)
+    done = set(sink.by_key())
+    check = _PristineCheck(lm, label)
+    total = sum(len(g) for g in groups)
+    finished = sum(len(g) for g in groups if all(c.key in done for c in g))
+    with _bar(total, finished, desc, progress) as bar:
+        for number, group in enumerate(groups):
+            if all(c.key in done for c in group):
+                continue
+            requests = [r for c in group for r in c.requests]
+            context_before = len(lm.context_patches)
+            patch, usage = compute_and_apply(lm, editor, config, requests)
+            try:
+                wanted = {c.key for c in group} & set(fluency_keys)
+                post = measure(lm, group, options, fluency_keys=wanted)
+            finally:
+                patch.revert()
+            verify_reverted(lm, patch, context_before)
+            extra = {"batch": number, "batch_seconds": usage.seconds} if len(groups) < total else {}
+            for case in group:
+                share = len(case.requests) / len(requests)
+                record = _record(case, post[case.key], pre[case.key], usage, share,
+                                 revert_verified=True, **extra)  # fmt: skip
+                sink.append(record)
+                bar.update()
+    check.verify()
+
+
 def run_single(
     lm: LoadedModel,
     editor: Editor,
@@ -136,24 +179,9 @@ def run_single(
     progress: bool = True,
 ) -> None:
     """Each case edited on the pristine model, measured (one batched scoring call), reverted."""
-    sink = store.cases(label)
-    done = set(sink.by_key())
-    todo = [c for c in cases if c.key not in done]
-    check = _PristineCheck(lm, label)
-    fluency_keys = set(fluency_keys)
-    with _bar(len(cases), len(cases) - len(todo), f"{label} (single)", progress) as bar:
-        for case in todo:
-            context_before = len(lm.context_patches)
-            patch, usage = compute_and_apply(lm, editor, config, case.requests)
-            try:
-                wanted = {case.key} & fluency_keys
-                post = measure(lm, [case], options, fluency_keys=wanted)[case.key]
-            finally:
-                patch.revert()
-            verify_reverted(lm, patch, context_before)
-            sink.append(_record(case, post, pre[case.key], usage, revert_verified=True))
-            bar.update()
-    check.verify()
+    groups = [[case] for case in cases]
+    _run_groups(lm, editor, config, label, groups, pre, options, store, fluency_keys, progress,
+                f"{label} (single)")  # fmt: skip
 
 
 def run_batch(
@@ -170,41 +198,10 @@ def run_batch(
     progress: bool = True,
 ) -> None:
     """``options.batch_size`` cases per editor call, measured together, then reverted."""
-    sink = store.cases(label)
-    done = set(sink.by_key())
     size = options.batch_size or max(1, len(cases))
-    batches = [list(cases[i : i + size]) for i in range(0, len(cases), size)]
-    check = _PristineCheck(lm, label)
-    finished = sum(len(b) for b in batches if all(c.key in done for c in b))
-    with _bar(len(cases), finished, f"{label} (batch of {size})", progress) as bar:
-        for number, batch in enumerate(batches):
-            if all(c.key in done for c in batch):
-                continue
-            requests = [r for c in batch for r in c.requests]
-            context_before = len(lm.context_patches)
-            patch, usage = compute_and_apply(lm, editor, config, requests)
-            try:
-                wanted = {c.key for c in batch} & set(fluency_keys)
-                post = measure(lm, batch, options, fluency_keys=wanted)
-            finally:
-                patch.revert()
-            verify_reverted(lm, patch, context_before)
-            for case in batch:
-                share = len(case.requests) / len(requests)
-                sink.append(
-                    _record(
-                        case,
-                        post[case.key],
-                        pre[case.key],
-                        usage,
-                        share,
-                        revert_verified=True,
-                        batch=number,
-                        batch_seconds=usage.seconds,
-                    )
-                )
-                bar.update()
-    check.verify()
+    groups = [list(cases[i : i + size]) for i in range(0, len(cases), size)]
+    _run_groups(lm, editor, config, label, groups, pre, options, store, fluency_keys, progress,
+                f"{label} (batch of {size})")  # fmt: skip
 
 
 class SequentialState:

@@ -147,10 +147,17 @@ def _check_manifest(store: RunStore, manifest: dict[str, Any], overwrite: bool) 
     old = store.manifest()
     if old is None or overwrite:
         return
-    for key in ("cases", "model_fingerprint", "chat", "measurement"):
+    what = {
+        "cases": "cases",
+        "model_fingerprint": "model",
+        "chat": "chat setting",
+        "measurement": "evaluation settings (protocol, batch size, checkpoints, fluency, "
+        "exact match)",
+    }
+    for key, name in what.items():
         if _normalised(old.get(key)) != _normalised(manifest.get(key)):
             raise EvaluationError(
-                f"{store.root} holds another run (its {key} differ); use another --out, or "
+                f"{store.root} holds another run (other {name}); use another --out, or "
                 "--overwrite to start it again"
             )
     for label, spec in manifest["methods"].items():
