@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .runner import Summary
 
 RATES = ("ES", "PS", "NS", "score", "edit_acc", "exact_match", "locality_unchanged", "portability")
+LABELS = {"score": "S (h-mean)", "exact_match": "exact match"}
 CURVES = (
     ("ES", "efficacy ES"),
     ("PS", "paraphrase PS"),
@@ -65,16 +66,16 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
         )
         if len(names) * len(rates) <= 40:
             for bar, k in zip(bars, rates):
-                if k in row:
-                    ax.annotate(
-                        f"{100 * row[k]:.0f}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                    )
+                ax.annotate(
+                    f"{100 * row[k]:.0f}" if k in row else "n/a",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="black" if k in row else "grey",
+                )
     ax.set_xticks(range(len(rates)))
-    ax.set_xticklabels([header(k) for k in rates], rotation=30, ha="right")
+    ax.set_xticklabels([LABELS.get(k, header(k)) for k in rates], rotation=30, ha="right")
     ax.set_ylim(0, 109)
     ax.set_ylabel("%")
     ax.set_title(f"{summary.protocol} protocol, {summary.n_cases} cases")
