@@ -266,18 +266,29 @@ def generate(
     *,
     max_new_tokens: int = 20,
     batch_size: int = 8,
+    sample: bool = False,
+    top_k: int = 50,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy continuations of each prompt (the new text only, special tokens removed)."""
+    """Continuations of each prompt (the new text only, special tokens removed).
+
+    Greedy by default; with ``sample`` drawn from the top ``top_k`` tokens at temperature 1,
+    reproducibly for a given ``seed`` (the global random state is left as it was).
+    """
     tok = lm.tokenizer
     pad = pad_token_id(lm)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=sample,
+        top_k=top_k if sample else None,
+        temperature=1.0 if sample else None,
+        top_p=None,
         pad_token_id=pad,
         eos_token_id=tok.eos_token_id,
     )
     texts: list[str] = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         for chunk in _chunks(len(prompts), batch_size):
             seqs = [encode_prompt(lm, prompts[i]) for i in chunk]
             width = max(len(s) for s in seqs)
