@@ -157,6 +157,14 @@ class SampledCorpus:
         path = lmscalpel_home() / "corpora" / lm.fingerprint / f"{self.id}-{index}.safetensors"
         if path.is_file():
             return load_file(str(path))["tokens"].long()
+        log.info(
+            "sampling %d x %d tokens of text from %s for statistics (chunk %d, cached in %s)",
+            self.chunk,
+            self.length,
+            lm.name,
+            index,
+            path.parent,
+        )
         tok = lm.tokenizer
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if start is None:
