@@ -41,8 +41,8 @@ def test_a_subject_mentioned_in_a_prefix_is_skipped(tiny):
 
 def test_scored_tokens_match_plain_teacher_forcing(tiny):
     batch = AnchoredBatch.build(tiny, ROWS)
-    run = AnchoredRun(tiny, batch, 1, fast=False)
-    logits = run.logits(run.final_hidden[:, batch.anchor :], batch.read_rows, batch.read_cols)
+    run = AnchoredRun(tiny, batch, 1)
+    logits = run.logits(run.suffix_hidden(), batch.read_rows, batch.read_cols)
     chosen = torch.log_softmax(logits, -1).gather(1, batch.read_tokens[:, None]).squeeze(1)
     for r in (0, 1):
         expected = score_targets(tiny, [ROWS[r].prompt], [ROWS[r].target])[0].token_logprobs
@@ -65,13 +65,16 @@ def test_fast_path_equals_the_full_pass_with_gradients(any_tiny, layer):
         logits = run.logits(hidden, batch.read_rows, batch.read_cols)
         loss = torch.log_softmax(logits, -1).gather(1, batch.read_tokens[:, None]).sum()
         loss.backward()
-        results.append((hidden.detach(), delta.grad.clone(), run.captured[name].input))
-    (h_fast, g_fast, k_fast), (h_full, g_full, k_full) = results
+        keys = run.captured[name].input[:, run.anchor_index :]
+        plain = run.suffix_hidden().detach()
+        results.append((hidden.detach(), delta.grad.clone(), keys, plain))
+    (h_fast, g_fast, k_fast, plain_fast), (h_full, g_full, k_full, plain_full) = results
     assert torch.allclose(h_fast, h_full, atol=1e-4)
     assert torch.allclose(g_fast, g_full, atol=1e-4, rtol=1e-3)
-    assert torch.allclose(k_fast, k_full)
+    assert torch.allclose(k_fast, k_full, atol=1e-5)
+    assert torch.allclose(plain_fast, plain_full, atol=1e-4)
     # the injection matters: the suffix differs from the unedited pass
-    assert not torch.allclose(h_fast, run.final_hidden[:, batch.anchor :], atol=1e-3)
+    assert not torch.allclose(h_fast, plain_fast, atol=1e-3)
 
 
 def test_the_model_is_intact_after_a_fast_pass(tiny):
@@ -80,3 +83,16 @@ def test_the_model_is_intact_after_a_fast_pass(tiny):
     run = AnchoredRun(tiny, AnchoredBatch.build(tiny, ROWS), 2)
     run.suffix_hidden()
     assert list(layers) == before
+
+
+def test_an_anchor_in_the_first_column_needs_no_prefix_cache(tiny):
+    rows = [AnchoredRow("The Eiffel Tower is in", "The", "Paris")]
+    batch = AnchoredBatch.build(tiny, rows)
+    assert batch.anchor == 0  # no BOS in the tiny llama tokenizer
+    name = tiny.adapter.mlp_out_name(1)
+    delta = torch.ones(tiny.adapter.hidden_size)
+    hidden = []
+    for fast in (True, False):
+        run = AnchoredRun(tiny, batch, 1, captures=[name], fast=fast)
+        hidden.append(run.suffix_hidden({name: add_at_positions(delta, [run.anchor_index])}))
+    assert torch.allclose(hidden[0], hidden[1], atol=1e-4)

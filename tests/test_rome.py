@@ -6,8 +6,15 @@ import torch
 from lmscalpel import EditRequest, edit, score_targets
 from lmscalpel import prefixes as prefixes_module
 from lmscalpel import stats as stats_module
+from lmscalpel.anchored import AnchoredBatch, AnchoredRun
 from lmscalpel.config import ConfigError
-from lmscalpel.keys_values import ValueOptions, compute_keys, optimise_value
+from lmscalpel.keys_values import (
+    ValueOptions,
+    compute_keys,
+    context_rows,
+    injection_scales,
+    optimise_value,
+)
 from lmscalpel.methods import rome
 from lmscalpel.methods.rome import ROMEConfig, rank_one_edit, rank_one_update
 from lmscalpel.prefixes import context_prefixes
@@ -190,3 +197,28 @@ def test_context_prefixes_are_generated_once_and_cached(tiny, monkeypatch):
     monkeypatch.setattr(prefixes_module, "_MEMORY", {})
     monkeypatch.setattr(prefixes_module, "generate", lambda *a, **k: pytest.fail("regenerated"))
     assert context_prefixes(tiny, 3, 4) == first  # read from disk
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_exact_injection_is_what_the_update_adds(model_type):
+    """The per-position scales used while optimising δ reproduce, at every recomputed position,
+    the change that the rank-one update makes to the MLP output."""
+    lm = tiny_model(model_type)
+    layer, name = 1, lm.adapter.mlp_out_name(1)
+    stats = key_statistics(lm, layer, samples=1500, progress=False)
+    rows = context_rows(REQUEST, ["", "I think. "]) + context_rows(OTHER, [""])
+    batch = AnchoredBatch.build(lm, rows)
+    run = AnchoredRun(lm, batch, layer, captures=[name])
+    scales = injection_scales(run, name, 2, stats.solve)
+    keys = run.captured[name].input
+    key = keys[:2, 0].double().mean(0)
+    torch.manual_seed(0)
+    delta = torch.randn(lm.adapter.hidden_size).double()
+    weight = lm.adapter.mlp_out_weight(layer)
+    left, right = rank_one_update(weight, key, weight.double() @ key + delta, stats.solve(key))
+    with torch.no_grad():
+        change = keys.double() @ (left @ right).T  # (B, S, d): what W' - W adds per position
+    real = batch.attention_mask[:, batch.anchor :].bool()
+    expected = scales.double()[..., None] * delta
+    assert torch.allclose(change[real], expected[real], atol=1e-5)
+    assert torch.allclose(scales[:2, 0].mean(), torch.tensor(1.0), atol=1e-4)

@@ -146,9 +146,12 @@ class AnchoredRun:
     """The part of an anchored batch's forward pass that an injection at ``layer`` (at or after the
     anchor column) cannot change, computed once; see the module docstring.
 
-    ``captures``: module names whose input and output to record in the initial pass
-    (``self.captured[name]``: (B, W, ·) tensors, no grad). ``self.final_hidden`` (B, W, d) are the
-    final normalised hidden states of that pass (the unedited model).
+    Two passes without gradients: the prefix columns through every layer (their keys and values
+    are kept), then the suffix columns up to ``layer`` and the ``captures`` (module names whose
+    input and output to record: ``self.captured[name]``, (B, S, ·) tensors over the suffix
+    columns, column 0 being the anchor). With ``fast=False`` (or a batch too long for a
+    sliding-window cache) nothing is kept and every call reruns the whole model; captures then
+    come from one full pass and span all columns (the anchor at column ``batch.anchor``).
     """
 
     def __init__(
@@ -164,26 +167,40 @@ class AnchoredRun:
         self.batch = batch
         self.layer = layer
         self.fast = fast and self._cache_fits()
-        adapter = lm.adapter
+        adapter, p = lm.adapter, batch.anchor
         names = [adapter.layer_name(layer), *captures]
-        cache = DynamicCache(config=lm.model.config) if self.fast else None
-        with torch.no_grad(), capture(lm.model, names, inputs=True, outputs=True) as seen:
-            out = adapter.body(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                cache=cache,
-                use_cache=self.fast,
-            )
-        self.final_hidden = out.last_hidden_state
+        body = adapter.body
+        with torch.no_grad():
+            if not self.fast:
+                with capture(lm.model, list(captures), inputs=True, stop=True) as seen:
+                    body(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                    )
+                self.captured = {name: seen[name] for name in captures}
+                return
+            cache = DynamicCache(config=lm.model.config)
+            if p > 0:
+                body(
+                    input_ids=batch.input_ids[:, :p],
+                    attention_mask=batch.attention_mask[:, :p],
+                    position_ids=batch.position_ids[:, :p],
+                    cache=cache,
+                    use_cache=True,
+                )
+            self._prefix_kv = [(lay.keys, lay.values) for lay in cache.layers] if p > 0 else None
+            with capture(lm.model, names, inputs=True, stop=True) as seen:
+                body(
+                    input_ids=batch.input_ids[:, p:],
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids[:, p:],
+                    cache=cache,
+                    use_cache=True,
+                )
         self.captured = {name: seen[name] for name in captures}
-        p = batch.anchor
-        self._layer_input = seen[adapter.layer_name(layer)].input[:, p:]
-        self._prefix_kv = (
-            [(lay.keys[:, :, :p], lay.values[:, :, :p]) for lay in cache.layers]
-            if self.fast
-            else None
-        )
+        self._layer_input = seen[adapter.layer_name(layer)].input
 
     def _cache_fits(self) -> bool:
         """Sliding-window caches drop old columns; keep the fast path to batches inside the window."""
@@ -193,7 +210,8 @@ class AnchoredRun:
 
     @property
     def anchor_index(self) -> int:
-        """Column of the anchor in the tensors that hooks see during :meth:`suffix_hidden`."""
+        """Column of the anchor in the tensors that hooks see during :meth:`suffix_hidden` (and in
+        :attr:`captured`)."""
         return 0 if self.fast else self.batch.anchor
 
     def suffix_hidden(

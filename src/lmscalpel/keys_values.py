@@ -18,17 +18,20 @@ soon as the target is likely enough, and reads logits only where the loss needs 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .anchored import AnchoredBatch, AnchoredRow, AnchoredRun
-from .hooks import add_at_positions, capture
+from .hooks import capture
 from .models.loaded import LoadedModel
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
+
+KeySolver = Callable[[torch.Tensor], torch.Tensor]
+"""k ↦ C⁻¹k for keys (d_k,): e.g. :meth:`lmscalpel.stats.KeyStatistics.solve`."""
 
 
 def context_rows(
@@ -66,8 +69,9 @@ def compute_keys(
 class ValueOptions:
     """How δ is optimised (the defaults are ROME's, with early stopping).
 
-    ``lr``: Adam's step size, in units of the unedited value's norm ‖v‖ per √d (so one value
-    suits models of any width and scale). ``max_steps``: at most this many updates; the loop stops
+    ``lr``: Adam's step size (β = (0.5, 0.9): short memory, which reaches the target in fewer
+    steps than the default β here), in units of the unedited value's norm ‖v‖ per √d, so one
+    value suits models of any width and scale. ``max_steps``: at most this many updates; the loop stops
     earlier once the mean negative log-likelihood of the target over the prompts is at most
     ``stop_nll``. ``kl_factor`` weighs KL(new ‖ old) of the next-token distribution after
     ``kl_prompt`` (its ``{}`` is the subject). ``weight_decay`` weighs (‖δ‖ / ‖v‖)². ``clamp_norm``:
@@ -110,6 +114,30 @@ class ValueResult:
         return len(self.nll) - 1
 
 
+def injection_scales(
+    run: AnchoredRun, key_module: str, rows: int, key_solver: KeySolver | None
+) -> torch.Tensor:
+    """How much of δ each recomputed position receives, (B, T) like the hooked tensors.
+
+    Without a ``key_solver``: 1 at every row's anchor, 0 elsewhere (the paper's approximation).
+    With one (k ↦ C⁻¹k): (C⁻¹k*)ᵀk_p / (C⁻¹k*)ᵀk* at every recomputed position p — exactly what
+    the rank-one update W' = W + δ (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀk*) adds there, k* being the mean key of
+    the first ``rows`` rows at the anchor.
+    """
+    captured = run.captured[key_module].input  # (B, T, d_k)
+    a = run.anchor_index
+    if key_solver is None:
+        scales = torch.zeros(captured.shape[:2], dtype=captured.dtype, device=captured.device)
+        scales[:, a] = 1.0
+        return scales
+    key = captured[:rows, a].double().mean(dim=0)
+    direction = key_solver(key).to(captured.device).double()
+    scales = (captured.double() @ direction) / (direction @ key)
+    scales[:, :a] = 0.0  # positions before the anchors are not recomputed (see docs/rome.md)
+    scales = scales * run.batch.attention_mask[:, run.batch.anchor - a :].to(scales.dtype)
+    return scales.to(captured.dtype)
+
+
 def optimise_value(
     lm: LoadedModel,
     layer: int,
@@ -118,12 +146,15 @@ def optimise_value(
     options: ValueOptions | None = None,
     *,
     module: str | None = None,
+    key_solver: KeySolver | None = None,
 ) -> ValueResult:
     """Find δ such that adding it to ``module``'s output (default: layer ``layer``'s MLP output
     matrix, as in ROME) at the subject's last token makes ``request.target_new`` likely behind
     every prefix (Meng et al. 2022, eq. 4). ``module`` must be at layer ``layer`` or above.
 
-    The model is not changed; gradients flow only into δ.
+    With ``key_solver`` (k ↦ C⁻¹k), δ is injected as the rank-one update of layer ``layer``'s MLP
+    output matrix will add it — scaled per position, see :func:`injection_scales` — so what is
+    optimised is what the edit does. The model is not changed; gradients flow only into δ.
     """
     options = options or ValueOptions()
     adapter = lm.adapter
@@ -135,21 +166,23 @@ def optimise_value(
     batch = AnchoredBatch.build(lm, rows)
     run = AnchoredRun(lm, batch, layer, captures=sorted({key_module, module}), fast=options.fast)
 
-    p = batch.anchor
-    keys = run.captured[key_module].input[:kl_row, p].clone()
-    value_norm = float(run.captured[module].output[0, p].norm())
+    a = run.anchor_index
+    keys = run.captured[key_module].input[:kl_row, a].clone()
+    value_norm = float(run.captured[module].output[0, a].norm())
+    scales = injection_scales(run, key_module, kl_row, key_solver)
     kl_col = batch.last_cols[kl_row : kl_row + 1]
     kl_rows = torch.tensor([kl_row], device=kl_col.device)
-    reference = torch.log_softmax(
-        adapter.logits(run.final_hidden[kl_rows, kl_col]).float(), dim=-1
-    ).detach()
     counts = torch.bincount(batch.read_rows, minlength=kl_row).clamp(min=1).float()
+    reference = None  # the unedited next-token distribution after the KL prompt (step 0)
 
     dim = run.captured[module].output.shape[-1]
     delta = torch.zeros(dim, dtype=lm.dtype, device=lm.device, requires_grad=True)
     scale = max(value_norm, 1e-6)
-    optimizer = torch.optim.Adam([delta], lr=options.lr * scale / dim**0.5)
-    inject = add_at_positions(delta, [run.anchor_index] * len(rows))
+    optimizer = torch.optim.Adam([delta], lr=options.lr * scale / dim**0.5, betas=(0.5, 0.9))
+
+    def inject(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + scales[..., None].to(hidden.dtype) * delta.to(hidden.dtype)
+
     result = ValueResult(delta=delta, keys=keys, value_norm=value_norm)
     for step in range(options.max_steps + 1):
         hidden = run.suffix_hidden({module: inject})
@@ -159,6 +192,8 @@ def optimise_value(
         per_row = torch.zeros(kl_row, device=chosen.device).index_add(0, batch.read_rows, chosen)
         nll = -(per_row / counts).mean()
         kl_logprobs = torch.log_softmax(run.logits(hidden, kl_rows, kl_col), dim=-1)
+        if reference is None:
+            reference = kl_logprobs.detach()
         kl = (kl_logprobs.exp() * (kl_logprobs - reference)).sum()
         decay = (delta.norm() / scale) ** 2
         loss = nll + options.kl_factor * kl + options.weight_decay * decay

@@ -90,13 +90,20 @@ def rank_one_edit(
     prefixes: Sequence[str],
     stats: KeyStatistics | None,
     options: ValueOptions,
+    *,
+    exact: bool = True,
 ) -> RankOneEdit:
     """ROME's update of layer ``layer`` for one request, on the model as it is now (unchanged).
 
     k* is the subject's key averaged over ``prefixes``; v* = W k* + δ with δ from
-    :func:`~lmscalpel.keys_values.optimise_value`; C from ``stats`` (``None``: identity).
+    :func:`~lmscalpel.keys_values.optimise_value`; C from ``stats`` (``None``: identity). With
+    ``exact``, δ is optimised as the update will really apply it at each position (scaled by
+    (C⁻¹k*)ᵀk / (C⁻¹k*)ᵀk*); without, at the anchor only, as in the paper.
     """
-    solution = optimise_value(lm, layer, request, prefixes, options)
+    solver = (lambda k: k) if stats is None else stats.solve
+    solution = optimise_value(
+        lm, layer, request, prefixes, options, key_solver=solver if exact else None
+    )
     weight = lm.adapter.mlp_out_weight(layer)
     key = solution.key.double()
     value = weight.double() @ key + solution.delta.double()
@@ -116,7 +123,8 @@ class ROMEConfig(MethodConfig):
     ``"model"`` (text sampled from the model itself) or a path (see :mod:`lmscalpel.stats`);
     ``stats_samples``: tokens in the estimate. ``prefixes`` context prefixes of
     ``prefix_length`` generated tokens, plus the bare prompt. The remaining fields set the value
-    optimisation (:class:`lmscalpel.keys_values.ValueOptions`).
+    optimisation (:class:`lmscalpel.keys_values.ValueOptions`); ``exact_injection`` optimises δ as
+    the update will really apply it (see :func:`rank_one_edit`).
     """
 
     layer: int | None = None
@@ -133,6 +141,7 @@ class ROMEConfig(MethodConfig):
     kl_prompt: str = "{} is a"
     weight_decay: float = 0.5
     clamp_norm: float = 4.0
+    exact_injection: bool = True
     fast: bool = True
 
     # Edit depths from the paper and its successors: GPT-2 XL layer 17 of 48, GPT-J 5 of 28,
@@ -205,7 +214,9 @@ class ROME(Editor):
         with weight_snapshot(lm, [name]):
             for request in requests:
                 start = time.perf_counter()
-                change = rank_one_edit(lm, layer, request, prefixes, stats, options)
+                change = rank_one_edit(
+                    lm, layer, request, prefixes, stats, options, exact=config.exact_injection
+                )
                 with torch.no_grad():  # later requests see earlier edits, as in the paper
                     weight = adapter.mlp_out_weight(layer)
                     weight.add_((change.left @ change.right).to(weight.dtype))
