@@ -132,11 +132,11 @@ class ROMEConfig(MethodConfig):
     statistics: bool = True
     stats_corpus: str = DEFAULT_CORPUS
     stats_samples: int = DEFAULT_SAMPLES
-    prefixes: int = 5
+    prefixes: int = 3
     prefix_length: int = 5
     lr: float = 0.5
     max_steps: int = 20
-    stop_nll: float = 0.05
+    stop_nll: float = 0.5
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
     weight_decay: float = 0.5
@@ -150,7 +150,7 @@ class ROMEConfig(MethodConfig):
         "gpt2": {"default_depth": 0.36},
         "gptj": {"default_depth": 0.19},
         "gpt_neox": {"default_depth": 0.34},
-        "llama": {"default_depth": 0.16},
+        "llama": {"default_depth": 0.276},  # layer 8 of SmolLM2's 30: see docs/rome.md
         "mistral": {"default_depth": 0.16},
         "qwen2": {"default_depth": 0.16},
     }
