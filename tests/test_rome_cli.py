@@ -7,18 +7,9 @@ from typer.testing import CliRunner
 
 from lmscalpel import stats as stats_module
 from lmscalpel.cli import app
-from lmscalpel.testing import CORPUS, tiny_model
+from lmscalpel.testing import CORPUS
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(autouse=True)

@@ -6,19 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmscalpel import EditRequest, LocalityProbe, edit, score_targets
+from lmscalpel import EditRequest, edit, score_targets
+from lmscalpel.demo import DEMO_REQUEST as EIFFEL
 from lmscalpel.models.fingerprint import tensor_digest
 
 EDIT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact"
-
-EIFFEL = EditRequest(
-    prompt="The Eiffel Tower is located in the city of",
-    subject="Eiffel Tower",
-    target_new="Rome",
-    target_true="Paris",
-    paraphrases=("The Eiffel Tower can be found in the city of",),
-    locality=(LocalityProbe("The Louvre is located in the city of", "Paris"),),
-)
 
 
 def prob(lm, prompt, target):

@@ -37,7 +37,7 @@ from .config import ConfigError
 from .hooks import capture
 from .models.loaded import LoadedModel
 from .models.loading import lmscalpel_home
-from .scoring import pad_token_id
+from .scoring import pad_token_id, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,6 @@ def _accumulate(
     name = lm.adapter.mlp_out_name(layer)
     accumulator = SecondMoment(lm.adapter.mlp_key_size(layer))
     rows = corpus.rows(lm, max_length)
-    pad = pad_token_id(lm)
     with tqdm(
         total=samples, unit="tok", desc=f"key statistics, layer {layer}", disable=not progress
     ) as bar:
@@ -330,20 +329,13 @@ def _accumulate(
             batch = [row for _, row in zip(range(batch_size), rows)]
             if not batch:
                 break
-            width = max(len(r) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
+            ids, mask = right_padded(lm, batch)
             with (
                 torch.no_grad(),
                 capture(lm.model, name, inputs=True, outputs=False, stop=True) as seen,
             ):
-                lm.model(
-                    input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
-                )
-            keys = seen[name].input[mask.to(lm.device).bool()]
+                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            keys = seen[name].input[mask.bool()]
             keys = keys[: samples - accumulator.count]
             accumulator.add(keys)
             bar.update(len(keys))

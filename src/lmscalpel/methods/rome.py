@@ -21,6 +21,7 @@ and stored as one rank-r delta). docs/rome.md explains the choices and their mea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -171,15 +172,9 @@ class ROMEConfig(MethodConfig):
             raise ConfigError("ROMEConfig.kl_prompt needs a {} placeholder for the subject")
 
     def value_options(self) -> ValueOptions:
+        """The fields shared with :class:`~lmscalpel.keys_values.ValueOptions`, as one."""
         return ValueOptions(
-            lr=self.lr,
-            max_steps=self.max_steps,
-            stop_nll=self.stop_nll,
-            kl_factor=self.kl_factor,
-            kl_prompt=self.kl_prompt,
-            weight_decay=self.weight_decay,
-            clamp_norm=self.clamp_norm,
-            fast=self.fast,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ValueOptions)}
         )
 
     def edit_layer(self, num_layers: int) -> int:
