@@ -15,7 +15,7 @@ from lmscalpel.keys_values import (
     injection_scales,
     optimise_value,
 )
-from lmscalpel.methods import rome
+from lmscalpel.methods import get_editor, rome
 from lmscalpel.methods.rome import ROMEConfig, rank_one_edit, rank_one_update
 from lmscalpel.prefixes import context_prefixes
 from lmscalpel.stats import key_statistics
@@ -222,3 +222,13 @@ def test_exact_injection_is_what_the_update_adds(model_type):
     expected = scales.double()[..., None] * delta
     assert torch.allclose(change[real], expected[real], atol=1e-5)
     assert torch.allclose(scales[:2, 0].mean(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_prepare_caches_prefixes_and_statistics_before_any_edit(tiny, tmp_path):
+    editor = get_editor("rome", {"layer": 1, "stats_samples": 200, "prefixes": 2})
+    editor.prepare(tiny, editor.config_for(tiny))
+    home = tmp_path / "home"
+    assert (home / "prefixes" / f"{tiny.fingerprint}.json").is_file()
+    stats_files = list((home / "stats" / tiny.fingerprint).glob("*.safetensors"))
+    assert len(stats_files) == 1 and "layers.1." in stats_files[0].name
+    assert get_editor("ft-l").prepare(tiny, get_editor("ft-l").config_for(tiny)) is None

@@ -192,18 +192,29 @@ class ROME(Editor):
         "Meng, Bau, Andonian and Belinkov 2022, Locating and Editing Factual Associations in GPT"
     )
 
-    def compute(
-        self, lm: LoadedModel, requests: Sequence[EditRequest], config: ROMEConfig
-    ) -> Patch:
-        adapter = lm.adapter
-        layer = config.edit_layer(adapter.num_layers)
-        name = adapter.mlp_out_weight_name(layer)
+    def prepare(self, lm: LoadedModel, config: ROMEConfig) -> None:
+        """Generate the context prefixes and compute the key statistics (both cached)."""
+        self._resources(lm, config)
+
+    @staticmethod
+    def _resources(
+        lm: LoadedModel, config: ROMEConfig
+    ) -> tuple[int, list[str], KeyStatistics | None]:
+        layer = config.edit_layer(lm.adapter.num_layers)
         prefixes = context_prefixes(lm, config.prefixes, config.prefix_length)
         stats = (
             key_statistics(lm, layer, config.stats_corpus, config.stats_samples)
             if config.statistics
             else None
         )
+        return layer, prefixes, stats
+
+    def compute(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], config: ROMEConfig
+    ) -> Patch:
+        adapter = lm.adapter
+        layer, prefixes, stats = self._resources(lm, config)
+        name = adapter.mlp_out_weight_name(layer)
         options = config.value_options()
         lefts, rights, records = [], [], []
         with weight_snapshot(lm, [name]):
