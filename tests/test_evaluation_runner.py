@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import test_cli
 from lmscalpel import save_requests
 from lmscalpel.cli import app
 from lmscalpel.evaluation import EvalOptions, EvaluationError, evaluate, load_cases
@@ -111,7 +110,6 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------
 runner = CliRunner()
-model_dir = test_cli.model_dir  # the fixture: a tiny model saved as a Hugging Face folder
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft
+from . import ft, rome
 from .base import (
     Editor,
     available_methods,
@@ -18,4 +18,5 @@ __all__ = [
     "get_editor",
     "register",
     "resolve_layers",
+    "rome",
 ]
