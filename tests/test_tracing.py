@@ -293,15 +293,6 @@ def test_aggregate_keeps_known_facts_and_names_the_mlp_peak(tmp_path):
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-trace")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_cli_trace_writes_arrays_metadata_and_heatmaps(model_dir, tmp_path):
     out = tmp_path / "trace"
     result = runner.invoke(
@@ -367,11 +358,15 @@ def test_cli_trace_reports_bad_input_in_one_line(model_dir, tmp_path):
 @pytest.mark.real
 def test_trace_on_the_embedded_model(smol):
     prompt, subject = "The Eiffel Tower is located in the city of", "Eiffel Tower"
-    last = subject_token_positions(smol, prompt, subject)[-1]
-    result = trace(smol, prompt, subject, "Paris", kinds=("hidden", "mlp"), positions=[last])
     n_tokens = len(encode_prompt(smol, prompt))
-    assert result.restored["mlp"].shape == (n_tokens, 30)
-    assert result.p_clean > 0.3 > result.p_corrupted
-    assert result.p_clean > result.p_corrupted + 0.2
-    effect = result.indirect_effect("hidden")[last]
-    assert effect[:5].mean() > effect[-5:].mean()  # the subject's state matters early, not late
+    subject_pos = subject_token_positions(smol, prompt, subject)
+    result = trace(
+        smol, prompt, subject, "Paris", kinds="hidden", samples=5,
+        positions=[*subject_pos, n_tokens - 1],
+    )  # fmt: skip
+    restored = result.restored["hidden"]
+    assert restored.shape == (n_tokens, 30) == result.indirect_effect("hidden").shape
+    assert result.p_clean > 0.3 > 0.1 > result.p_corrupted
+    assert restored[-1, -1] == pytest.approx(result.p_clean, abs=1e-4)
+    # some subject token's early state carries the fact: restoring it brings much of it back
+    assert result.indirect_effect("hidden")[subject_pos, :10].max() > 0.2

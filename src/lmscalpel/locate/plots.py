@@ -73,7 +73,7 @@ def plot_trace(result: TraceResult, kind: str, path: str | Path) -> Path:
     """One heatmap: tokens down (subject marked ``*``), layers across, colour = P_restored from
     P_corrupted (white) up to P_clean."""
     n_tokens = len(result.tokens)
-    fig = Figure(figsize=(6.0, 1.2 + 0.28 * n_tokens), layout="constrained")
+    fig = Figure(figsize=(6.4, 1.5 + 0.28 * n_tokens), layout="constrained")
     ax = fig.add_subplot()
     _draw_heatmap(fig, ax, result, kind)
     fig.suptitle(_caption(result), fontsize=8)
@@ -85,7 +85,7 @@ def plot_traces(result: TraceResult, path: str | Path) -> Path:
     """The traced kinds side by side, as in the paper's Figure 1."""
     kinds = result.kinds
     n_tokens = len(result.tokens)
-    fig = Figure(figsize=(5.2 * len(kinds), 1.2 + 0.28 * n_tokens), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(kinds), 1.5 + 0.28 * n_tokens), layout="constrained")
     for index, kind in enumerate(kinds):
         _draw_heatmap(fig, fig.add_subplot(1, len(kinds), index + 1), result, kind)
     fig.suptitle(_caption(result), fontsize=9)
@@ -95,9 +95,9 @@ def plot_traces(result: TraceResult, path: str | Path) -> Path:
 
 def _caption(result: TraceResult) -> str:
     return (
-        f"{result.model}: {result.prompt!r} -> {result.answer.strip()!r}   "
+        f"{result.model}: {result.prompt!r} -> {result.answer.strip()!r}\n"
         f"P_clean={result.p_clean:.3f}  P_corrupted={result.p_corrupted:.3f}  "
-        f"(noise {result.noise:.3g}, {result.samples} samples)"
+        f"(noise sigma {result.noise:.3g}, {result.samples} samples)"
     )
 
 
