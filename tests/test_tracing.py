@@ -162,6 +162,8 @@ def test_bad_input_raises_clearly_and_leaves_no_hooks(tiny, monkeypatch):
         trace(tiny, PROMPT, SUBJECT, samples=0, noise=1.0)
     with pytest.raises(TracingError, match="out of range"):
         trace(tiny, PROMPT, SUBJECT, positions=[99], noise=1.0)
+    with pytest.raises(TracingError, match="no tokens"):
+        trace(tiny, PROMPT, SUBJECT, answer="", noise=1.0)
 
     def explode(*args, **kwargs):
         raise RuntimeError("boom")

@@ -262,6 +262,8 @@ def trace(
     window = default_window(n_layers) if window is None else window
     if window < 1:
         raise TracingError(f"window must be >= 1, got {window}")
+    if precision not in PRECISIONS:
+        raise TracingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         subject_pos = subject_token_positions(lm, prompt, subject)
     except ValueError as error:
@@ -276,8 +278,11 @@ def trace(
     sigma = noise_level(lm) if noise is None else float(noise)
     input_ids = torch.tensor([ids], device=lm.device)
 
-    if precision not in PRECISIONS:
-        raise TracingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    try:
+        answer_token = None if answer is None else encode_target(lm, prompt, answer)[0]
+    except ValueError as error:
+        raise TracingError(str(error)) from None
+
     low = precision == "bfloat16"
     with (
         torch.no_grad(),
@@ -289,24 +294,14 @@ def trace(
             clean = record_stream(lm, input_ids, keep_kv=True)
         check_replay(lm, clean, atol=REPLAY_TOLERANCE[precision])
         clean_probs = torch.softmax(clean.logits[0].float(), dim=-1)
-        if answer is None:
+        if answer_token is None:
             answer_token = int(clean_probs.argmax())
             answer = lm.tokenizer.decode([answer_token])
-        else:
-            answer_token = encode_target(lm, prompt, answer)[0]
         p_clean = float(clean_probs[answer_token])
 
         # Corrupted run: the same noise draws serve every restoration.
         draws = noise_draws(samples, len(subject_pos), a.hidden_size, sigma, seed)
-        draws = draws.to(device=lm.device, dtype=lm.dtype)
-        subject_index = torch.tensor(subject_pos, device=lm.device)
-
-        def corrupt(embedded: torch.Tensor) -> torch.Tensor:
-            out = embedded.clone()
-            out[:, subject_index] += draws
-            return out
-
-        with edit_output(lm.model, a.spec.embeddings, corrupt):
+        with edit_output(lm.model, a.spec.embeddings, _add_noise(draws, subject_pos)):
             corrupted = record_stream(lm, input_ids.expand(samples, -1), keep_kv=True)
         p_corrupted = float(torch.softmax(corrupted.logits.float(), -1)[:, answer_token].mean())
 
@@ -357,6 +352,18 @@ def trace(
         precision=precision,
         seconds=time.perf_counter() - started,
     )
+
+
+def _add_noise(draws: torch.Tensor, positions: Sequence[int]):
+    """An ``edit_output`` function for the embeddings: row ``i`` gets ``draws[i]`` (tokens, d)
+    added at the subject's ``positions``."""
+
+    def fn(embedded: torch.Tensor) -> torch.Tensor:
+        out = embedded.clone()
+        out[:, list(positions)] += draws.to(device=out.device, dtype=out.dtype)
+        return out
+
+    return fn
 
 
 @dataclass(frozen=True)
