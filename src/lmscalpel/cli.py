@@ -308,7 +308,7 @@ def trace_command(
             help="Aggregate mode: tokens to trace: last-subject, classes (first/last subject, "
             "first subsequent, last token) or all."
         ),
-    ] = "classes",
+    ] = "last-subject",
     kind: Annotated[str, typer.Option(help="hidden, mlp, attn or all.")] = "all",
     samples: Annotated[int, typer.Option(help="Noise samples averaged over.")] = 10,
     window: Annotated[

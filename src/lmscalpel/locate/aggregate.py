@@ -33,7 +33,7 @@ from ..tokens import (
     subject_token_positions,
 )
 from .noise import noise_level
-from .tracing import DEFAULT_SAMPLES, KINDS, TraceResult, default_window, trace
+from .tracing import DEFAULT_SAMPLES, KINDS, TraceResult, TracingError, default_window, trace
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def traced_positions(n_tokens: int, subject_positions: Sequence[int], tokens: st
         return sorted({p for name in (*names, "last token") for p in classes[name]})
     if tokens == "all":
         return list(range(subject_positions[0], n_tokens))
-    raise ValueError(f"tokens must be one of {', '.join(TOKEN_SETS)}, got {tokens!r}")
+    raise TracingError(f"tokens must be one of {', '.join(TOKEN_SETS)}, got {tokens!r}")
 
 
 def class_effects(result: TraceResult, kind: str) -> dict[str, list[float] | None]:
@@ -165,7 +165,7 @@ def aggregate(
     samples: int = DEFAULT_SAMPLES,
     window: int | None = None,
     noise: float | None = None,
-    tokens: str = "classes",
+    tokens: str = "last-subject",
     seed: int = 0,
     precision: str = "float32",
     out_dir: str | os.PathLike | None = None,
@@ -190,6 +190,8 @@ def aggregate(
         precision=precision,
     )
     traced_positions(3, [0], tokens)  # validates `tokens` before any work
+    if n < 1:
+        raise TracingError(f"n must be >= 1, got {n}")
     results: dict[int, TraceResult] = {}
     log_path = Path(out_dir) / "facts.jsonl" if out_dir is not None else None
     if log_path is not None:
@@ -248,7 +250,7 @@ def aggregate(
     bar.close()
     traced = [results[k] for k in chosen]
     if not traced:
-        raise ValueError(f"the model knows none of the {checked} facts checked")
+        raise TracingError(f"the model knows none of the {checked} facts checked")
     summary = summarize(lm, traced, settings)
     summary.update(
         facts_checked=checked,

@@ -136,7 +136,10 @@ def plot_layer_curves(
             fontsize=9,
         )
     ax.axhline(0, color="0.7", lw=0.8)
-    ax.set_xlabel("layer (centre of the restored window for MLP and attention)")
+    if window > 1 and set(means) - {"hidden"}:
+        ax.set_xlabel(f"layer (for MLP and attention: centre of the {window} restored layers)")
+    else:
+        ax.set_xlabel("layer")
     ax.set_ylabel("average indirect effect on p(answer)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
