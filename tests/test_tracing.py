@@ -340,6 +340,16 @@ def test_cli_trace_aggregate(model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert f"peaks at layer {summary['mlp_peak_layer']}" in result.output
     assert (out / "last_subject_token.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "token_classes.png").exists()
+
+    classes = tmp_path / "classes"
+    result = runner.invoke(
+        app,
+        ["trace", "--known", str(known), "--n", "2", "--samples", "2", "--noise", "1.0",
+         "--tokens", "classes", "--kind", "mlp", "--out", str(classes), "--model", model_dir],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (classes / "token_classes.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_trace_reports_bad_input_in_one_line(model_dir, tmp_path):

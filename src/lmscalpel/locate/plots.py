@@ -157,12 +157,18 @@ def plot_token_classes(
     """Average indirect effect per token class (rows) and layer (columns), one panel per kind:
     the paper's Figure 2 layout. ``classes[kind][class_name]`` is a per-layer list."""
     kinds = list(classes)
-    names = list(next(iter(classes.values())))
+    # classes no fact had a traced token of (``None``) are left out
+    names = [
+        name
+        for name in next(iter(classes.values()))
+        if any(classes[kind][name] is not None for kind in kinds)
+    ]
     fig = Figure(figsize=(5.0 * len(kinds), 3.2), layout="constrained")
     for index, kind in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), index + 1)
+        width = len(next(v for v in classes[kind].values() if v is not None))
         values = torch.tensor(
-            [[float("nan") if v is None else v for v in classes[kind][n]] for n in names]
+            [classes[kind][n] or [float("nan")] * width for n in names], dtype=torch.float64
         )
         top = float(torch.nan_to_num(values, nan=0.0).max())
         image = ax.imshow(
