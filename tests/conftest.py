@@ -35,7 +35,7 @@ def smol():
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """A tiny llama saved as a local Hugging Face folder (for the CLI)."""
+    """A tiny llama saved as a Hugging Face folder, for commands that take --model."""
     folder = tmp_path_factory.mktemp("tiny")
     lm = tiny_model("llama")
     lm.model.save_pretrained(folder)

@@ -81,3 +81,15 @@ def test_capture_with_stop_skips_the_upper_layers(tiny):
     assert seen[a.layer_name(1)].output is not None
     assert top[a.layer_name(3)].output is None  # never reached
     assert _hook_count(tiny.model) == 0
+
+
+def test_replace_at_positions_writes_one_position_per_chosen_row(tiny):
+    from lmscalpel.hooks import replace_at_positions
+
+    hidden = torch.zeros(3, 5, 4)
+    out = replace_at_positions(torch.ones(4), [1, 3])(hidden)
+    assert out[0, 1].sum() == 4 and out[1, 3].sum() == 4 and out.sum() == 8
+    values = torch.tensor([[1.0] * 4, [2.0] * 4])
+    out = replace_at_positions(values, [0, 4], rows=[2, 0])(hidden)
+    assert out[2, 0].tolist() == [1.0] * 4 and out[0, 4].tolist() == [2.0] * 4
+    assert out.sum() == 12 and hidden.sum() == 0  # a new tensor; the input is untouched

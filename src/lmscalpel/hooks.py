@@ -138,3 +138,31 @@ def add_at_positions(
         return hidden + mask.unsqueeze(-1) * vector.to(hidden.dtype)
 
     return fn
+
+
+def replace_at_positions(
+    values: torch.Tensor,
+    positions: Sequence[int] | torch.Tensor,
+    rows: Sequence[int] | torch.Tensor | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ``edit_output`` function that overwrites one position in each of some batch rows.
+
+    Row ``rows[i]`` (default: row ``i``, for every row) gets ``values[i]`` at token
+    ``positions[i]``; ``values`` is (len(positions), d), or (d,) for the same vector everywhere.
+    Everything else is left as computed. Causal tracing uses it to copy clean states into
+    corrupted runs, a different (token, state) per row.
+    """
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        pos = torch.as_tensor(positions, device=hidden.device)
+        which = (
+            torch.arange(len(pos), device=hidden.device)
+            if rows is None
+            else torch.as_tensor(rows, device=hidden.device)
+        )
+        new = values.to(device=hidden.device, dtype=hidden.dtype).expand(len(pos), -1)
+        out = hidden.clone()
+        out[which, pos] = new
+        return out
+
+    return fn
