@@ -18,7 +18,7 @@ and constraint:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -78,7 +78,9 @@ class FTMConfig(FTLConfig):
     objective: Literal["sequence", "target", "prompt_last"] = "target"
 
 
-def _loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> torch.Tensor:
+def edit_loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> torch.Tensor:
+    """Mean negative log-likelihood of the requests' new targets under ``objective`` (see
+    :class:`FTConfig`); differentiable, hooks and injected adapters active."""
     prompts = [r.prompt for r in requests]
     targets = [r.target_new for r in requests]
     batch = build_batch(lm, prompts, targets, include_prompt_tokens=objective == "sequence")
@@ -87,6 +89,51 @@ def _loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> t
         batch.positions = lengths[batch.pair_index] - 1
     logprobs, _ = token_logprobs(lm, batch)
     return -logprobs.mean()
+
+
+def tuned_weight_names(
+    lm: LoadedModel, layers: Sequence[int] | None, default_depths: Sequence[float], matrices: str
+) -> list[str]:
+    """Parameter names of the MLP matrices to tune: the output matrix (``"mlp_out"``) or every
+    MLP matrix (``"mlp"``) of the chosen layers (see :func:`~lmscalpel.methods.resolve_layers`)."""
+    adapter = lm.adapter
+    names = []
+    for layer in resolve_layers(layers, default_depths, adapter.num_layers):
+        if matrices == "mlp":
+            names.extend(adapter.mlp_in_weight_names(layer))
+        names.append(adapter.mlp_out_weight_name(layer))
+    return names
+
+
+def fit(
+    params: Sequence[torch.Tensor],
+    loss_fn: Callable[[], torch.Tensor],
+    *,
+    lr: float,
+    steps: int,
+    stop_loss: float,
+    weight_decay: float = 0.0,
+    project: Callable[[], None] | None = None,
+    name: str = "fit",
+) -> list[float]:
+    """Adam on ``params`` for at most ``steps`` steps, stopping once the loss is below
+    ``stop_loss``; ``project`` (e.g. a norm-ball clamp) runs after every step. Returns the loss of
+    every evaluated step (the last one is the loss of the final parameters)."""
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    for step in range(steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        losses.append(loss.item())
+        log.debug("%s step %d loss %.4f", name, step, losses[-1])
+        if losses[-1] < stop_loss or step == steps:
+            break
+        loss.backward()
+        optimizer.step()
+        if project is not None:
+            with torch.no_grad():
+                project()
+    return losses
 
 
 @register
@@ -98,40 +145,32 @@ class FineTune(Editor):
     citation: ClassVar[str] = "Zhu et al. 2020, Modifying Memories in Transformer Models"
 
     def parameter_names(self, lm: LoadedModel, config: FTConfig) -> list[str]:
-        adapter = lm.adapter
-        layers = resolve_layers(config.layers, config.default_depths, adapter.num_layers)
-        names = []
-        for layer in layers:
-            if config.matrices == "mlp":
-                names.extend(adapter.mlp_in_weight_names(layer))
-            names.append(adapter.mlp_out_weight_name(layer))
-        return names
+        return tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
 
     def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], config: FTConfig) -> Patch:
         names = self.parameter_names(lm, config)
         params = [lm.model.get_parameter(n) for n in names]
-        losses: list[float] = []
         with weight_snapshot(lm, names) as originals:
             scale = config.norm_constraint or 0.0
             bounds = {n: scale * float(w.std()) for n, w in originals.items()}
+
+            def clamp() -> None:  # the L-infinity ball around the original weights
+                for n, p in zip(names, params):
+                    p.copy_(torch.clamp(p, originals[n] - bounds[n], originals[n] + bounds[n]))
+
             try:
                 for p in params:
                     p.requires_grad_(True)
-                optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-                for step in range(config.steps):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = _loss(lm, requests, config.objective)
-                    losses.append(loss.item())
-                    log.debug("%s step %d loss %.4f", self.name, step, losses[-1])
-                    if losses[-1] < config.stop_loss:
-                        break
-                    loss.backward()
-                    optimizer.step()
-                    if config.norm_constraint is not None:
-                        with torch.no_grad():
-                            for n, p in zip(names, params):
-                                base, eps = originals[n], bounds[n]
-                                p.copy_(torch.clamp(p, base - eps, base + eps))
+                losses = fit(
+                    params,
+                    lambda: edit_loss(lm, requests, config.objective),
+                    lr=config.lr,
+                    steps=config.steps,
+                    stop_loss=config.stop_loss,
+                    weight_decay=config.weight_decay,
+                    project=clamp if config.norm_constraint is not None else None,
+                    name=self.name,
+                )
             finally:
                 for p in params:
                     p.requires_grad_(False)
@@ -146,7 +185,7 @@ class FineTune(Editor):
             requests,
             deltas,
             hyperparameters=config.to_dict(),
-            info={"losses": losses, "steps": len(losses)},
+            info={"losses": losses, "steps": len(losses) - 1},
         )
 
 
