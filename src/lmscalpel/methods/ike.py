@@ -38,7 +38,6 @@ chat template on (``load_model(chat=True)``), demonstrations become earlier user
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ from typing import Any, ClassVar
 from ..config import ConfigError, MethodConfig
 from ..models.loaded import LoadedModel, Message
 from ..patch import Patch, PatchError
-from ..requests import EditRequest, EditRequestError, LocalityProbe, load_requests
+from ..requests import EditRequest, EditRequestError
 from ..retrieval import DEFAULT_ENCODER, load_encoder, most_similar
 from ..tokens import target_text
 from .base import Editor, register
@@ -99,8 +98,7 @@ class IKEConfig(InContextConfig):
     ``k``: demonstrations per fact; ``None`` takes ``max_k`` or, if fewer fit the model's context,
     as many as fit. An explicit ``k`` that does not fit raises :class:`ContextOverflowError`.
     ``copy_share`` / ``update_share`` / ``retain_share``: proportions of the three kinds.
-    ``pool``: the demonstration pool, a CounterFact-layout JSON or an lmscalpel requests file
-    (``None``: ``counterfact/train.json`` in the shared data folder, ``$LMSCALPEL_DATA`` or
+    ``pool``: the demonstration pool, any dataset file the evaluation reads (``None``: ``counterfact/train.json`` in the shared data folder, ``$LMSCALPEL_DATA`` or
     ``../shared/data`` beside the project); ``pool_size``: use only its first records.
     """
 
@@ -108,7 +106,7 @@ class IKEConfig(InContextConfig):
     max_k: int = PAPER_K
     copy_share: float = 1.0
     update_share: float = 1.0
-    retain_share: float = 2.0
+    retain_share: float = 4.0
     pool: str | None = None
     pool_size: int | None = None
 
@@ -206,63 +204,26 @@ def default_pool_path() -> Path:
     return shared_data_dir() / DEFAULT_POOL
 
 
-def _counterfact_request(record: dict[str, Any]) -> EditRequest:
-    """One CounterFact record (simplified or original ROME layout) as an edit request."""
-    if "requested_rewrite" in record:
-        rewrite = record["requested_rewrite"]
-        neighbours = record.get("neighborhood_prompts") or []
-        return EditRequest(
-            prompt=rewrite["prompt"],
-            subject=rewrite["subject"],
-            target_new=rewrite["target_new"]["str"],
-            target_true=rewrite["target_true"]["str"],
-            paraphrases=tuple(record.get("paraphrase_prompts") or ()),
-            locality=tuple(LocalityProbe(p, rewrite["target_true"]["str"]) for p in neighbours),
-            case_id=record.get("case_id"),
-        )
-    locality = ()
-    if record.get("locality_prompt") and record.get("locality_ground_truth"):
-        locality = (LocalityProbe(record["locality_prompt"], record["locality_ground_truth"]),)
-    return EditRequest(
-        prompt=record["prompt"],
-        subject=record["subject"],
-        target_new=record["target_new"],
-        target_true=record.get("ground_truth"),
-        paraphrases=(record["rephrase_prompt"],) if record.get("rephrase_prompt") else (),
-        locality=locality,
-        case_id=record.get("case_id"),
-    )
-
-
 @functools.lru_cache(maxsize=4)
 def _read_pool(path: Path, mtime: float) -> tuple[EditRequest, ...]:
-    data = None if path.suffix == ".jsonl" else json.loads(path.read_text())
-    first = (data[0] if data else {}) if isinstance(data, list) else data
-    if not isinstance(first, dict) or not {"requested_rewrite", "rephrase_prompt"} & set(first):
-        records = load_requests(path)  # lmscalpel's own layout
-    else:
-        records, bad = [], 0
-        for record in data if isinstance(data, list) else [data]:
-            try:
-                records.append(_counterfact_request(record))
-            except (EditRequestError, KeyError, TypeError):
-                bad += 1
-        if bad:
-            log.info("skipped %d malformed pool records in %s", bad, path)
-    return tuple(r for r in records if r.paraphrases and r.locality)
+    from ..evaluation.datasets import read_dataset  # late: evaluation imports the methods
+
+    cases = read_dataset(path).cases
+    return tuple(r for case in cases for r in case.requests if r.paraphrases and r.locality)
 
 
 def load_pool(path: str | os.PathLike | None = None, size: int | None = None) -> list[EditRequest]:
     """The demonstration pool: edits with at least one paraphrase and one locality probe.
 
-    ``path`` is a CounterFact JSON (simplified or ROME layout) or an lmscalpel requests file;
-    ``None`` reads the default pool (see :class:`IKEConfig`).
+    ``path`` is any dataset :func:`lmscalpel.evaluation.read_dataset` reads (CounterFact in either
+    layout, zsRE, KnowEdit, lmscalpel requests...); ``None`` reads the default pool (see
+    :class:`IKEConfig`). ``size`` keeps the first records only.
     """
     resolved = Path(path).expanduser() if path is not None else default_pool_path()
     if not resolved.is_file():
         hint = (
-            "set the IKE config's `pool` to a CounterFact-style JSON file, or LMSCALPEL_DATA to "
-            "the folder holding counterfact/train.json"
+            "set the IKE config's `pool` to a dataset file (e.g. CounterFact's train.json), or "
+            "LMSCALPEL_DATA to the folder holding counterfact/train.json"
         )
         raise FileNotFoundError(f"IKE demonstration pool not found at {resolved}: {hint}")
     resolved = resolved.resolve()
