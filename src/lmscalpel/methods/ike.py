@@ -41,7 +41,7 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -257,6 +257,8 @@ class StoredFact:
 
 @dataclass(frozen=True)
 class RenderSettings:
+    """How a memory of facts is rendered (the rendering fields of :class:`InContextConfig`)."""
+
     instruction: str = ""
     retrieve: int = 1
     answer_tokens: int = 16
@@ -265,13 +267,7 @@ class RenderSettings:
 
     @classmethod
     def from_config(cls, config: InContextConfig) -> RenderSettings:
-        return cls(
-            config.instruction,
-            config.retrieve,
-            config.answer_tokens,
-            config.encoder,
-            config.chat_turns,
-        )
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 def render_text(facts: Sequence[StoredFact], query: str, instruction: str = "") -> str:
@@ -302,8 +298,10 @@ def render_messages(
 
 def count_tokens(lm: LoadedModel, text_or_messages: str | list[Message]) -> int:
     """Tokens the model reads for a rendered prompt (with the chat template for messages)."""
+    if isinstance(text_or_messages, str) and not lm.chat:
+        return len(lm.tokenizer(text_or_messages)["input_ids"])
     if isinstance(text_or_messages, str):
-        return len(lm.tokenizer(text_or_messages, add_special_tokens=not lm.chat)["input_ids"])
+        text_or_messages = [{"role": "user", "content": text_or_messages}]
     text = lm.tokenizer.apply_chat_template(
         text_or_messages, tokenize=False, add_generation_prompt=True
     )
@@ -418,9 +416,6 @@ class PlainInContext(Editor):
         rendered: str | list[Message]
         if lm.chat and settings.chat_turns:
             rendered = render_messages([fact], query, settings.instruction)
-        elif lm.chat:
-            text = render_text([fact], query, settings.instruction)
-            rendered = [{"role": "user", "content": text}]
         else:
             rendered = render_text([fact], query, settings.instruction)
         return count_tokens(lm, rendered) + settings.answer_tokens <= lm.adapter.max_context
