@@ -43,10 +43,11 @@ class FTConfig(MethodConfig):
     ``"mlp"`` every MLP matrix. ``objective``: ``"sequence"`` (LM loss on prompt and target),
     ``"target"`` (teacher-forced target tokens only) or ``"prompt_last"`` (all target tokens read
     at the last prompt position). ``norm_constraint``: L-infinity bound on each weight's change,
-    in units of the matrix's element standard deviation (``None``: unconstrained); 0.03 is about
-    the absolute 5e-4 used for GPT-2 XL and Llama-2-7B in the literature, and 5e-3 on SmolLM2,
-    whose weights are ten times larger. Training stops after ``steps`` or once the loss is below
-    ``stop_loss``.
+    in units of the matrix's element standard deviation (``None``: unconstrained). FT-L and
+    FT-M default to 0.1: on SmolLM2 (10 CounterFact training cases) 0.03, about the absolute
+    5e-4 of the GPT-2 XL literature, only raised the new target to ~10 % probability, while 0.1
+    made it the answer (ES 90 -> 100 %, PS 30 -> 70 %) with the same neighbourhood success.
+    Training stops after ``steps`` or once the loss is below ``stop_loss``.
     """
 
     layers: list[int] | None = None
@@ -67,7 +68,7 @@ class FTLConfig(FTConfig):
     default_depths: list[float] = (0.5,)
     matrices: Literal["mlp_out", "mlp"] = "mlp_out"
     objective: Literal["sequence", "target", "prompt_last"] = "prompt_last"
-    norm_constraint: float | None = 0.03
+    norm_constraint: float | None = 0.1
     lr: float = 1e-3
 
 
