@@ -10,11 +10,15 @@ from lmscalpel.models.fingerprint import tensor_digest
 pytestmark = pytest.mark.real
 
 
+def train_case(case_id):
+    (request,) = [r for r in load_pool() if r.case_id == case_id]
+    return request
+
+
 @pytest.fixture(scope="module")
 def case():
     """CounterFact train case 'Autonomous University of Madrid, which is located in' Spain -> Sweden."""
-    (request,) = [r for r in load_pool() if r.case_id == 3]
-    return request
+    return train_case(3)
 
 
 def digests(lm):
@@ -27,7 +31,9 @@ def margin(lm, prompt, request):
     return new.mean_logprob - true.mean_logprob
 
 
-def test_ike_flips_the_answer_with_bit_identical_weights(smol, case, tmp_path):
+def test_ike_flips_the_answer_with_bit_identical_weights(smol, tmp_path):
+    # 'The headquarter of Monell Chemical Senses Center is located in' Philadelphia -> Mumbai
+    case = train_case(22)
     before = digests(smol)
     assert margin(smol, case.prompt, case) < 0
     patch = edit(smol, case, method="ike", config={"k": 8})
