@@ -31,3 +31,19 @@ def smol():
     from lmscalpel import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def power_cut(monkeypatch):
+    """The fine-tuning loss (FT family and LoRA) raises RuntimeError("power cut") on its 3rd call."""
+    from lmscalpel.methods import ft
+
+    real, calls = ft.edit_loss, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real(*args)
+
+    monkeypatch.setattr(ft, "edit_loss", flaky)

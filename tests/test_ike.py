@@ -30,28 +30,28 @@ CITIES = {
 LANGUAGES = {"Danielle Darrieux": "French", "Toko Yasuda": "Japanese", "Kari Kari": "Finnish"}
 
 
-def _city(subject, true, new, case_id):
+def _fact(template, subject, true, new, paraphrase, neighbour, case_id):
     return EditRequest(
-        prompt=f"{subject} is located in the city of",
+        prompt=template.format(subject),
         subject=subject,
         target_new=new,
         target_true=true,
-        paraphrases=(f"Where is {subject}? It is in the city of",),
-        locality=(LocalityProbe("The Louvre is located in the city of", "Paris"),),
+        paraphrases=(paraphrase.format(subject),),
+        locality=(LocalityProbe(*neighbour),),
         case_id=case_id,
     )
+
+
+def _city(subject, true, new, case_id):
+    louvre = ("The Louvre is located in the city of", "Paris")
+    where = "Where is {}? It is in the city of"
+    return _fact("{} is located in the city of", subject, true, new, where, louvre, case_id)
 
 
 def _language(subject, true, new, case_id):
-    return EditRequest(
-        prompt=f"The mother tongue of {subject} is",
-        subject=subject,
-        target_new=new,
-        target_true=true,
-        paraphrases=(f"{subject} was born speaking",),
-        locality=(LocalityProbe("Michel Rocard is a native speaker of", "French"),),
-        case_id=case_id,
-    )
+    rocard = ("Michel Rocard is a native speaker of", "French")
+    born = "{} was born speaking"
+    return _fact("The mother tongue of {} is", subject, true, new, born, rocard, case_id)
 
 
 POOL = [_city(s, t, "Berlin", f"city-{i}") for i, (s, t) in enumerate(CITIES.items())] + [

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -107,34 +107,34 @@ def tuned_weight_names(
 
 
 def fit(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
     params: Sequence[torch.Tensor],
-    loss_fn: Callable[[], torch.Tensor],
+    config: FTConfig | MethodConfig,
     *,
-    lr: float,
-    steps: int,
-    stop_loss: float,
-    weight_decay: float = 0.0,
     project: Callable[[], None] | None = None,
     name: str = "fit",
-) -> list[float]:
-    """Adam on ``params`` for at most ``steps`` steps, stopping once the loss is below
-    ``stop_loss``; ``project`` (e.g. a norm-ball clamp) runs after every step. Returns the loss of
-    every evaluated step (the last one is the loss of the final parameters)."""
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+) -> dict[str, Any]:
+    """Adam on ``params`` against :func:`edit_loss` for at most ``config.steps`` steps, stopping
+    once the loss is below ``config.stop_loss``; ``project`` (e.g. a norm-ball clamp) runs after
+    every step. ``config`` has ``objective``, ``lr``, ``steps``, ``stop_loss`` and
+    ``weight_decay`` (FT's or LoRA's). Returns the patch info: the loss of every evaluated step
+    (the last one is the loss of the final parameters) and the number of steps taken."""
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
-    for step in range(steps + 1):
+    for step in range(config.steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        loss = edit_loss(lm, requests, config.objective)
         losses.append(loss.item())
         log.debug("%s step %d loss %.4f", name, step, losses[-1])
-        if losses[-1] < stop_loss or step == steps:
+        if losses[-1] < config.stop_loss or step == config.steps:
             break
         loss.backward()
         optimizer.step()
         if project is not None:
             with torch.no_grad():
                 project()
-    return losses
+    return {"losses": losses, "steps": len(losses) - 1}
 
 
 @register
@@ -162,16 +162,9 @@ class FineTune(Editor):
             try:
                 for p in params:
                     p.requires_grad_(True)
-                losses = fit(
-                    params,
-                    lambda: edit_loss(lm, requests, config.objective),
-                    lr=config.lr,
-                    steps=config.steps,
-                    stop_loss=config.stop_loss,
-                    weight_decay=config.weight_decay,
-                    project=clamp if config.norm_constraint is not None else None,
-                    name=self.name,
-                )
+                bounded = config.norm_constraint is not None
+                project = clamp if bounded else None
+                info = fit(lm, requests, params, config, project=project, name=self.name)
             finally:
                 for p in params:
                     p.requires_grad_(False)
@@ -180,14 +173,7 @@ class FineTune(Editor):
                 ParameterDelta.from_dense(n, p.detach() - originals[n])
                 for n, p in zip(names, params)
             ]
-        return Patch.from_deltas(
-            lm,
-            self.name,
-            requests,
-            deltas,
-            hyperparameters=config.to_dict(),
-            info={"losses": losses, "steps": len(losses) - 1},
-        )
+        return Patch.from_deltas(lm, self.name, requests, deltas, config.to_dict(), info)
 
 
 @register

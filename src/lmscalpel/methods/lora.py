@@ -25,7 +25,7 @@ from ..models.loaded import LoadedModel
 from ..patch import ParameterDelta, Patch, PatchError
 from ..requests import EditRequest
 from .base import Editor, register
-from .ft import edit_loss, fit, tuned_weight_names
+from .ft import fit, tuned_weight_names
 
 ADAPTER = "lmscalpel"
 
@@ -99,15 +99,7 @@ class LoRA(Editor):
         try:
             layers = [lm.model.get_submodule(m) for m in modules]
             params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
-            losses = fit(
-                params,
-                lambda: edit_loss(lm, requests, config.objective),
-                lr=config.lr,
-                steps=config.steps,
-                stop_loss=config.stop_loss,
-                weight_decay=config.weight_decay,
-                name=self.name,
-            )
+            info = fit(lm, requests, params, config, name=self.name)
             with torch.no_grad():  # the update (alpha/r) B @ A, (out, in), as its two factors
                 factors = [
                     (
@@ -122,11 +114,4 @@ class LoRA(Editor):
             ParameterDelta.from_low_rank(name, *lm.adapter.low_rank_to_storage(name, up, down))
             for name, (up, down) in zip(names, factors)
         ]
-        return Patch.from_deltas(
-            lm,
-            self.name,
-            requests,
-            deltas,
-            hyperparameters=config.to_dict(),
-            info={"losses": losses, "steps": len(losses) - 1},
-        )
+        return Patch.from_deltas(lm, self.name, requests, deltas, config.to_dict(), info)
