@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft, ike, lora
+from . import ft, ike, lora, rome
 from .base import (
     Editor,
     available_methods,
@@ -20,4 +20,5 @@ __all__ = [
     "lora",
     "register",
     "resolve_layers",
+    "rome",
 ]
