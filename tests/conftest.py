@@ -41,3 +41,19 @@ def model_dir(tmp_path_factory):
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def power_cut(monkeypatch):
+    """The fine-tuning loss (FT family and LoRA) raises RuntimeError("power cut") on its 3rd call."""
+    from lmscalpel.methods import ft
+
+    real, calls = ft.edit_loss, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real(*args)
+
+    monkeypatch.setattr(ft, "edit_loss", flaky)

@@ -139,8 +139,8 @@ class ConstantContext(base.Editor):
         return Patch(self.name, list(requests), kind="context",
                      context_state={"text": "The Colosseum is located in the city of"})  # fmt: skip
 
-    def build_rewriter(self, patch, lm):
-        return Rewriter(patch.context_state["text"])
+    def build_rewriter(self, patches, lm):  # all applied patches of the method at once
+        return Rewriter(patches[-1].context_state["text"])
 
 
 @pytest.fixture

@@ -64,18 +64,8 @@ def test_compute_leaves_the_model_untouched(tiny):
         assert torch.equal(p, saved[n]) and not p.requires_grad
 
 
-def test_a_crash_mid_training_restores_the_weights(tiny, monkeypatch):
+def test_a_crash_mid_training_restores_the_weights(tiny, power_cut):
     saved = state(tiny)
-    calls = {"n": 0}
-    real_loss = ft._loss
-
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("power cut")
-        return real_loss(*args)
-
-    monkeypatch.setattr(ft, "_loss", flaky)
     with pytest.raises(RuntimeError, match="power cut"):
         edit(tiny, REQUEST, method="ft", config={"lr": 0.1})
     for n, p in tiny.model.named_parameters():
@@ -84,6 +74,6 @@ def test_a_crash_mid_training_restores_the_weights(tiny, monkeypatch):
 
 def test_prompt_last_objective_reads_every_target_token_at_the_prompt_end(tiny):
     multi = EditRequest(prompt="Apple was founded by", subject="Apple", target_new="Steve Jobs")
-    loss_last = ft._loss(tiny, [multi], "prompt_last")
-    loss_target = ft._loss(tiny, [multi], "target")
+    loss_last = ft.edit_loss(tiny, [multi], "prompt_last")
+    loss_target = ft.edit_loss(tiny, [multi], "target")
     assert not torch.isclose(loss_last, loss_target)

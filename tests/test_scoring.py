@@ -103,3 +103,21 @@ def test_chat_template_wraps_prompts():
     assert text.startswith("<user>") and text.endswith("<bot>")
     assert subject_token_positions(lm, "Where is the Eiffel Tower?", "Eiffel")
     assert target_text("<bot>", " Paris", chat=True) == "Paris"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_a_long_shared_prefix_runs_once_and_scores_the_same(model_type, monkeypatch):
+    from lmscalpel import scoring
+
+    lm = tiny_model(model_type)
+    prefix = "The capital of Japan is Tokyo. The capital of Italy is Rome. " * 4
+    prompts = [prefix + p for p in PROMPTS]
+    shared = []
+    real = scoring._shared_prefix_length
+    monkeypatch.setattr(
+        scoring, "_shared_prefix_length", lambda *a: shared.append(real(*a)) or shared[-1]
+    )
+    batched = score_targets(lm, prompts, TARGETS)
+    assert shared and shared[0] >= scoring.MIN_SHARED_PREFIX  # the cached path was taken
+    for prompt, target, b in zip(prompts, TARGETS, batched):
+        assert b.token_logprobs == pytest.approx(_manual(lm, prompt, target), abs=1e-4)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import MethodConfig
-from .methods import get_editor
+from .config import ConfigError, MethodConfig
+from .methods import Editor, get_editor
 from .models.loaded import LoadedModel
 from .patch import Patch
 from .requests import EditRequest, EditRequestError, as_requests
@@ -30,20 +30,26 @@ def validate_requests(lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
 def edit(
     lm: LoadedModel,
     requests: EditRequest | Sequence[EditRequest],
-    method: str = "ft-l",
+    method: str | Editor = "ft-l",
     config: MethodConfig | dict[str, Any] | str | Path | None = None,
     *,
     apply: bool = True,
 ) -> Patch:
     """Edit ``lm`` so that each request's prompt continues with its ``target_new``.
 
-    All requests are validated first; the method computes a :class:`Patch` without changing the
+    ``method`` is a registered name (with ``config``) or an :class:`Editor` instance (which
+    carries its own config). All requests are validated first; the method computes a :class:`Patch` without changing the
     model; with ``apply`` (the default) the patch is then applied whole. Revert it with
     ``patch.revert()``.
     """
     requests = as_requests(requests)
     validate_requests(lm, requests)
-    editor = get_editor(method, config)
+    if isinstance(method, Editor):
+        if config is not None:
+            raise ConfigError("give the config to the Editor instance, not to edit() as well")
+        editor = method
+    else:
+        editor = get_editor(method, config)
     patch = editor.compute(lm, requests, editor.config_for(lm))
     if apply:
         patch.apply(lm)

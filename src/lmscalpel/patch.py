@@ -10,7 +10,9 @@ refused, and a patch is applied whole or not at all.
 
 An in-context patch (``kind="context"``) changes no weight: it carries the state of a prompt
 rewriter (e.g. IKE's demonstrations and facts) that scoring and generation apply to every prompt
-while the patch is applied to a :class:`~lmscalpel.models.LoadedModel`.
+while the patch is applied to a :class:`~lmscalpel.models.LoadedModel`. All applied in-context
+patches of one method are realised together by one rewriter (see
+:meth:`~lmscalpel.models.LoadedModel.rewriters`), so many of them never nest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models.fingerprint import tensor_digest
-from .models.loaded import LoadedModel, PromptRewriter
+from .models.loaded import LoadedModel
 from .requests import EditRequest
 
 FORMAT_VERSION = 1
@@ -132,7 +134,6 @@ class Patch:
     _backup: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _applied_digests: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _applied_to: Any = field(default=None, repr=False, compare=False)
-    _rewriter: PromptRewriter | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("weights", "context"):
@@ -169,6 +170,29 @@ class Patch:
             info=dict(info or {}),
         )
 
+    @classmethod
+    def in_context(
+        cls,
+        lm: LoadedModel,
+        method: str,
+        requests: Sequence[EditRequest],
+        context_state: dict[str, Any],
+        hyperparameters: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Patch:
+        """An in-context patch: no weight changes, ``context_state`` (JSON-serialisable) holds
+        everything the method's rewriter needs."""
+        return cls(
+            method=method,
+            requests=list(requests),
+            hyperparameters=dict(hyperparameters or {}),
+            model_fingerprint=lm.fingerprint,
+            model_name=lm.name,
+            kind="context",
+            context_state=context_state,
+            info=dict(info or {}),
+        )
+
     # ---- state -------------------------------------------------------------------------------
     @property
     def is_applied(self) -> bool:
@@ -177,12 +201,6 @@ class Patch:
     @property
     def parameter_names(self) -> list[str]:
         return [d.name for d in self.deltas]
-
-    @property
-    def rewriter(self) -> PromptRewriter:
-        if self._rewriter is None:
-            raise PatchError("this patch has no prompt rewriter (not an applied in-context patch)")
-        return self._rewriter
 
     def check_compatible(self, target: LoadedModel | nn.Module) -> None:
         """Raise :class:`PatchMismatchError` unless every touched tensor matches its digest."""
@@ -277,10 +295,16 @@ class Patch:
     def _apply_context(self, target: LoadedModel | nn.Module) -> Patch:
         if not isinstance(target, LoadedModel):
             raise PatchError("an in-context patch applies to a LoadedModel, not a bare module")
-        from .methods import get_editor  # late: methods build their own rewriters
+        from .methods import editor_class  # late: methods build their own rewriters
 
-        self._rewriter = get_editor(self.method).build_rewriter(self, target)
+        if editor_class(self.method).kind != "context":
+            raise PatchError(f"method {self.method!r} does not make in-context patches")
         target.context_patches.append(self)
+        try:
+            target.rewriters()  # realise it now, so a bad patch fails here, not when scoring
+        except BaseException:
+            target.context_patches.remove(self)
+            raise
         self._applied_to = target
         return self
 

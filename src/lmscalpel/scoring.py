@@ -179,10 +179,46 @@ def right_padded(
     return ids.to(lm.device), mask.to(lm.device)
 
 
+MIN_SHARED_PREFIX = 32  # tokens; shorter common prefixes are not worth a second pass
+
+
+def _shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Leading positions where every row holds the same real token (at most S - 1)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
+def _has_hooks(model: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def hidden_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Final (normalised) hidden states of the transformer body, without the LM head."""
-    out = lm.adapter.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    """Final (normalised) hidden states (B, S, d) of the transformer body, without the LM head.
+
+    Without gradients and hooks, a long prefix that all rows share (e.g. an in-context edit's
+    demonstrations, read before every probe) runs once and its key/value cache serves every row;
+    rows are right-padded, so positions are unchanged and the result equals one full pass.
+    """
+    prefix = 0
+    if not torch.is_grad_enabled() and input_ids.shape[0] > 1:
+        prefix = _shared_prefix_length(input_ids, attention_mask)
+        if prefix >= MIN_SHARED_PREFIX and _has_hooks(lm.model):
+            prefix = 0  # a hook may index absolute positions: keep one pass
+    if prefix < MIN_SHARED_PREFIX:
+        out = lm.adapter.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+    rows = input_ids.shape[0]
+    head = lm.adapter.body(
+        input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix], use_cache=True
+    )
+    cache = head.cache
+    cache.batch_repeat_interleave(rows)
+    tail = lm.adapter.body(
+        input_ids=input_ids[:, prefix:], attention_mask=attention_mask, cache=cache, use_cache=True
+    )
+    return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], 1)
 
 
 def token_logprobs(lm: LoadedModel, batch: TeacherForcedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,12 +15,11 @@ class SubjectNotFoundError(ValueError):
 def format_prompt(lm: LoadedModel, prompt: str) -> str:
     """The text the model reads for ``prompt``: in-context patches applied, then the chat template
     when ``lm.chat`` is set."""
-    text = lm.render_prompt(prompt)
-    if lm.chat:
-        text = lm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text
+    if not lm.chat:
+        return lm.render_prompt(prompt)
+    return lm.tokenizer.apply_chat_template(
+        lm.render_chat(prompt), tokenize=False, add_generation_prompt=True
+    )
 
 
 def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft, rome
+from . import ft, ike, lora, rome
 from .base import (
     Editor,
     available_methods,
@@ -16,6 +16,8 @@ __all__ = [
     "editor_class",
     "ft",
     "get_editor",
+    "ike",
+    "lora",
     "register",
     "resolve_layers",
     "rome",

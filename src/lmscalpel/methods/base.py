@@ -59,8 +59,9 @@ class Editor(ABC):
     ) -> Patch:
         """Compute the patch that makes ``requests`` true; leave ``lm`` exactly as it was."""
 
-    def build_rewriter(self, patch: Patch, lm: LoadedModel) -> PromptRewriter:
-        """For in-context methods: the prompt rewriter that realises an applied patch."""
+    def build_rewriter(self, patches: Sequence[Patch], lm: LoadedModel) -> PromptRewriter:
+        """For in-context methods: the one prompt rewriter that realises all of this method's
+        patches applied to ``lm`` (oldest first) together."""
         raise PatchError(f"method {self.name!r} makes weight patches, not in-context ones")
 
 

@@ -18,9 +18,9 @@ and constraint:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -43,10 +43,11 @@ class FTConfig(MethodConfig):
     ``"mlp"`` every MLP matrix. ``objective``: ``"sequence"`` (LM loss on prompt and target),
     ``"target"`` (teacher-forced target tokens only) or ``"prompt_last"`` (all target tokens read
     at the last prompt position). ``norm_constraint``: L-infinity bound on each weight's change,
-    in units of the matrix's element standard deviation (``None``: unconstrained); 0.03 is about
-    the absolute 5e-4 used for GPT-2 XL and Llama-2-7B in the literature, and 5e-3 on SmolLM2,
-    whose weights are ten times larger. Training stops after ``steps`` or once the loss is below
-    ``stop_loss``.
+    in units of the matrix's element standard deviation (``None``: unconstrained). FT-L and
+    FT-M default to 0.1: on SmolLM2 (10 CounterFact training cases) 0.03, about the absolute
+    5e-4 of the GPT-2 XL literature, only raised the new target to ~10 % probability, while 0.1
+    made it the answer (ES 90 -> 100 %, PS 30 -> 70 %) with the same neighbourhood success.
+    Training stops after ``steps`` or once the loss is below ``stop_loss``.
     """
 
     layers: list[int] | None = None
@@ -67,7 +68,7 @@ class FTLConfig(FTConfig):
     default_depths: list[float] = (0.5,)
     matrices: Literal["mlp_out", "mlp"] = "mlp_out"
     objective: Literal["sequence", "target", "prompt_last"] = "prompt_last"
-    norm_constraint: float | None = 0.03
+    norm_constraint: float | None = 0.1
     lr: float = 1e-3
 
 
@@ -78,7 +79,9 @@ class FTMConfig(FTLConfig):
     objective: Literal["sequence", "target", "prompt_last"] = "target"
 
 
-def _loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> torch.Tensor:
+def edit_loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> torch.Tensor:
+    """Mean negative log-likelihood of the requests' new targets under ``objective`` (see
+    :class:`FTConfig`); differentiable, hooks and injected adapters active."""
     prompts = [r.prompt for r in requests]
     targets = [r.target_new for r in requests]
     batch = build_batch(lm, prompts, targets, include_prompt_tokens=objective == "sequence")
@@ -87,6 +90,51 @@ def _loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> t
         batch.positions = lengths[batch.pair_index] - 1
     logprobs, _ = token_logprobs(lm, batch)
     return -logprobs.mean()
+
+
+def tuned_weight_names(
+    lm: LoadedModel, layers: Sequence[int] | None, default_depths: Sequence[float], matrices: str
+) -> list[str]:
+    """Parameter names of the MLP matrices to tune: the output matrix (``"mlp_out"``) or every
+    MLP matrix (``"mlp"``) of the chosen layers (see :func:`~lmscalpel.methods.resolve_layers`)."""
+    adapter = lm.adapter
+    names = []
+    for layer in resolve_layers(layers, default_depths, adapter.num_layers):
+        if matrices == "mlp":
+            names.extend(adapter.mlp_in_weight_names(layer))
+        names.append(adapter.mlp_out_weight_name(layer))
+    return names
+
+
+def fit(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    params: Sequence[torch.Tensor],
+    config: FTConfig | MethodConfig,
+    *,
+    project: Callable[[], None] | None = None,
+    name: str = "fit",
+) -> dict[str, Any]:
+    """Adam on ``params`` against :func:`edit_loss` for at most ``config.steps`` steps, stopping
+    once the loss is below ``config.stop_loss``; ``project`` (e.g. a norm-ball clamp) runs after
+    every step. ``config`` has ``objective``, ``lr``, ``steps``, ``stop_loss`` and
+    ``weight_decay`` (FT's or LoRA's). Returns the patch info: the loss of every evaluated step
+    (the last one is the loss of the final parameters) and the number of steps taken."""
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    for step in range(config.steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = edit_loss(lm, requests, config.objective)
+        losses.append(loss.item())
+        log.debug("%s step %d loss %.4f", name, step, losses[-1])
+        if losses[-1] < config.stop_loss or step == config.steps:
+            break
+        loss.backward()
+        optimizer.step()
+        if project is not None:
+            with torch.no_grad():
+                project()
+    return {"losses": losses, "steps": len(losses) - 1}
 
 
 @register
@@ -98,40 +146,25 @@ class FineTune(Editor):
     citation: ClassVar[str] = "Zhu et al. 2020, Modifying Memories in Transformer Models"
 
     def parameter_names(self, lm: LoadedModel, config: FTConfig) -> list[str]:
-        adapter = lm.adapter
-        layers = resolve_layers(config.layers, config.default_depths, adapter.num_layers)
-        names = []
-        for layer in layers:
-            if config.matrices == "mlp":
-                names.extend(adapter.mlp_in_weight_names(layer))
-            names.append(adapter.mlp_out_weight_name(layer))
-        return names
+        return tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
 
     def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], config: FTConfig) -> Patch:
         names = self.parameter_names(lm, config)
         params = [lm.model.get_parameter(n) for n in names]
-        losses: list[float] = []
         with weight_snapshot(lm, names) as originals:
             scale = config.norm_constraint or 0.0
             bounds = {n: scale * float(w.std()) for n, w in originals.items()}
+
+            def clamp() -> None:  # the L-infinity ball around the original weights
+                for n, p in zip(names, params):
+                    p.copy_(torch.clamp(p, originals[n] - bounds[n], originals[n] + bounds[n]))
+
             try:
                 for p in params:
                     p.requires_grad_(True)
-                optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-                for step in range(config.steps):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = _loss(lm, requests, config.objective)
-                    losses.append(loss.item())
-                    log.debug("%s step %d loss %.4f", self.name, step, losses[-1])
-                    if losses[-1] < config.stop_loss:
-                        break
-                    loss.backward()
-                    optimizer.step()
-                    if config.norm_constraint is not None:
-                        with torch.no_grad():
-                            for n, p in zip(names, params):
-                                base, eps = originals[n], bounds[n]
-                                p.copy_(torch.clamp(p, base - eps, base + eps))
+                bounded = config.norm_constraint is not None
+                project = clamp if bounded else None
+                info = fit(lm, requests, params, config, project=project, name=self.name)
             finally:
                 for p in params:
                     p.requires_grad_(False)
@@ -140,14 +173,7 @@ class FineTune(Editor):
                 ParameterDelta.from_dense(n, p.detach() - originals[n])
                 for n, p in zip(names, params)
             ]
-        return Patch.from_deltas(
-            lm,
-            self.name,
-            requests,
-            deltas,
-            hyperparameters=config.to_dict(),
-            info={"losses": losses, "steps": len(losses)},
-        )
+        return Patch.from_deltas(lm, self.name, requests, deltas, config.to_dict(), info)
 
 
 @register

@@ -15,8 +15,17 @@ if TYPE_CHECKING:
     from ..patch import Patch
 
 
+Message = dict[str, str]
+
+
 class PromptRewriter(Protocol):
-    """What an applied in-context patch does: rewrite every prompt before the model reads it."""
+    """What the applied in-context patches of one method do: rewrite every prompt before the model
+    reads it.
+
+    A rewriter may also define ``rewrite_chat(messages) -> messages`` to shape a chat conversation
+    (e.g. demonstrations as earlier turns) when the model is used with its chat template; without
+    it, the last user message is passed through :meth:`rewrite`.
+    """
 
     def rewrite(self, prompt: str) -> str: ...
 
@@ -27,7 +36,8 @@ class LoadedModel:
 
     ``fingerprint`` identifies the weights as loaded (see :mod:`lmscalpel.models.fingerprint`);
     ``chat`` makes scoring and generation wrap prompts in the tokenizer's chat template;
-    ``context_patches`` are the in-context patches currently applied, oldest first.
+    ``context_patches`` are the in-context patches currently applied, oldest first; all those of
+    one method are realised together by one rewriter (see :meth:`rewriters`).
     """
 
     model: PreTrainedModel
@@ -38,6 +48,9 @@ class LoadedModel:
     path: Path | None = None
     chat: bool = False
     context_patches: list[Patch] = field(default_factory=list)
+    _rewriter_cache: tuple[tuple[Patch, ...], list[PromptRewriter]] = field(
+        default_factory=lambda: ((), []), repr=False, compare=False
+    )
 
     @property
     def device(self) -> torch.device:
@@ -51,11 +64,46 @@ class LoadedModel:
     def model_type(self) -> str:
         return self.adapter.model_type
 
+    def rewriters(self) -> list[PromptRewriter]:
+        """One rewriter per in-context method, built from *all* its applied patches at once.
+
+        Many applied patches of one method are rendered once, together (the method decides how,
+        e.g. IKE retrieves the stored facts relevant to each prompt), instead of nesting one
+        rewriter inside another. Methods come in the order of their oldest applied patch. Rebuilt
+        only when the applied patches change.
+        """
+        applied = tuple(self.context_patches)
+        cached, rewriters = self._rewriter_cache
+        if len(cached) != len(applied) or any(a is not b for a, b in zip(cached, applied)):
+            from ..methods import get_editor  # late: methods import this module
+
+            by_method: dict[str, list[Patch]] = {}
+            for patch in applied:
+                by_method.setdefault(patch.method, []).append(patch)
+            rewriters = [
+                get_editor(method).build_rewriter(patches, self)
+                for method, patches in by_method.items()
+            ]
+            self._rewriter_cache = (applied, rewriters)
+        return rewriters
+
     def render_prompt(self, prompt: str) -> str:
         """``prompt`` as the model will read it, after every applied in-context patch."""
-        for patch in self.context_patches:
-            prompt = patch.rewriter.rewrite(prompt)
+        for rewriter in self.rewriters():
+            prompt = rewriter.rewrite(prompt)
         return prompt
+
+    def render_chat(self, prompt: str) -> list[Message]:
+        """``prompt`` as the chat conversation the model reads (before its chat template)."""
+        messages = [{"role": "user", "content": prompt}]
+        for rewriter in self.rewriters():
+            rewrite_chat = getattr(rewriter, "rewrite_chat", None)
+            if rewrite_chat is not None:
+                messages = rewrite_chat(messages)
+            else:
+                last = messages[-1]
+                messages = [*messages[:-1], {**last, "content": rewriter.rewrite(last["content"])}]
+        return messages
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,117 @@
+"""LoRA: fine-tuning a low-rank update of chosen MLP matrices, through ``peft``.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a weight
+matrix W (out, in) and trains W + (alpha / r) · B A with A (r, in) and B (out, r), B starting at
+zero. Here ``peft`` injects the adapters into the chosen MLP matrices, Adam trains them on the edit
+requests (the fine-tuning objectives of :mod:`lmscalpel.methods.ft`), and the result is returned as
+a patch holding, per adapted matrix, the merged low-rank delta (alpha / r · B) @ A as
+:meth:`~lmscalpel.patch.ParameterDelta.from_low_rank` factors (in storage layout). It applies,
+reverts, saves and exports like any other patch. The adapters are removed before :meth:`compute`
+returns, also on error: the model keeps its modules, parameters and weights exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer, LoraModel
+
+from ..config import ConfigError, MethodConfig
+from ..models.loaded import LoadedModel
+from ..patch import ParameterDelta, Patch, PatchError
+from ..requests import EditRequest
+from .base import Editor, register
+from .ft import fit, tuned_weight_names
+
+ADAPTER = "lmscalpel"
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """Hyperparameters of LoRA editing.
+
+    ``layers`` / ``default_depths`` / ``matrices``: which MLP matrices get an adapter (as in
+    :class:`~lmscalpel.methods.ft.FTConfig`). ``rank`` r and ``alpha`` (the update is scaled by
+    alpha / r). ``objective``: the fine-tuning loss (``"target"``: teacher-forced target tokens,
+    prompt masked). ``seed`` fixes the random initialisation of A. Training stops after
+    ``steps`` or once the loss is below ``stop_loss``.
+    """
+
+    layers: list[int] | None = None
+    default_depths: list[float] = (0.3, 0.4, 0.5)
+    matrices: Literal["mlp_out", "mlp"] = "mlp"
+    rank: int = 8
+    alpha: float = 16.0
+    objective: Literal["sequence", "target", "prompt_last"] = "target"
+    lr: float = 2e-3
+    steps: int = 30
+    stop_loss: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise ConfigError(f"LoRAConfig.rank must be at least 1, got {self.rank}")
+
+
+def _remove_adapters(tuner: LoraModel, model: torch.nn.Module) -> None:
+    """Put the original modules back (peft's unload) and check that nothing of peft remains."""
+    tuner.unload()
+    leftovers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if leftovers:
+        raise PatchError(f"peft adapters could not be removed from {leftovers}")
+    if getattr(model, "peft_config", None) is not None:
+        del model.peft_config
+
+
+@register
+class LoRA(Editor):
+    """LoRA fine-tuning; the patch is the merged low-rank delta (see the module docstring)."""
+
+    name: ClassVar[str] = "lora"
+    config_class: ClassVar[type[MethodConfig]] = LoRAConfig
+    citation: ClassVar[str] = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
+
+    def compute(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], config: LoRAConfig
+    ) -> Patch:
+        names = tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
+        modules = [n.rpartition(".")[0] for n in names]
+        transposed = {lm.adapter.is_transposed(n) for n in names}
+        if len(transposed) > 1:
+            raise ConfigError("LoRA cannot mix transposed (Conv1D) and plain matrices")
+        peft_config = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=modules,
+            lora_dropout=0.0,
+            bias="none",
+            fan_in_fan_out=transposed.pop(),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            tuner = LoraModel(lm.model, peft_config, ADAPTER)
+        try:
+            layers = [lm.model.get_submodule(m) for m in modules]
+            params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+            info = fit(lm, requests, params, config, name=self.name)
+            with torch.no_grad():  # the update (alpha/r) B @ A, (out, in), as its two factors
+                factors = [
+                    (
+                        layer.lora_B[ADAPTER].weight * layer.scaling[ADAPTER],  # (out, r)
+                        layer.lora_A[ADAPTER].weight.clone(),  # (r, in)
+                    )
+                    for layer in layers
+                ]
+        finally:
+            _remove_adapters(tuner, lm.model)
+        deltas = [  # the adapter knows the storage layout once the original modules are back
+            ParameterDelta.from_low_rank(name, *lm.adapter.low_rank_to_storage(name, up, down))
+            for name, (up, down) in zip(names, factors)
+        ]
+        return Patch.from_deltas(lm, self.name, requests, deltas, config.to_dict(), info)
