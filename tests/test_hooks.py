@@ -81,3 +81,28 @@ def test_capture_with_stop_skips_the_upper_layers(tiny):
     assert seen[a.layer_name(1)].output is not None
     assert top[a.layer_name(3)].output is None  # never reached
     assert _hook_count(tiny.model) == 0
+
+
+def test_resume_at_skips_the_lower_blocks_and_gives_the_same_result(any_tiny):
+    from lmscalpel.hooks import resume_at
+    from lmscalpel.scoring import hidden_states
+
+    lm, a = any_tiny, any_tiny.adapter
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 3]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    block = a.layer_name(2)
+    with torch.no_grad():
+        with capture(lm.model, block, inputs=True, outputs=False) as seen:
+            full = hidden_states(lm, ids, mask)
+        calls = []
+        handle = a.layer(0).mlp.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            with resume_at(lm.model, [a.layer_name(0), a.layer_name(1)], block, seen[block].input):
+                resumed = hidden_states(lm, ids, mask)
+        finally:
+            handle.remove()
+        after = hidden_states(lm, ids, mask)
+    assert calls == []  # block 0 did not compute
+    assert torch.equal(full, resumed)
+    assert torch.equal(full, after)  # restored
+    assert "forward" not in a.layer(0).__dict__

@@ -98,13 +98,31 @@ def _parse_sets(values: list[str] | None) -> dict:
     return overrides
 
 
-def _config(method: str, config: Path | None, sets: list[str] | None, model_type: str):
+def _config(
+    method: str,
+    config: Path | None,
+    sets: list[str] | None,
+    model_type: str,
+    editor: Path | None = None,
+):
     from .methods import editor_class
 
     cls = editor_class(method).config_class
     base = cls.from_yaml(config, model_type) if config else cls.for_model(model_type)
     overrides = _parse_sets(sets)
+    if editor is not None:
+        if "editor" not in cls.field_names():
+            raise typer.BadParameter(
+                f"--editor is for learned editors (mend); method {method!r} takes none"
+            )
+        overrides["editor"] = str(editor)
     return base.replace(**overrides) if overrides else base
+
+
+EditorOption = Annotated[
+    Path | None,
+    typer.Option(help="Folder of a trained editor (for learned methods: mend)."),
+]
 
 
 @app.command()
@@ -213,6 +231,7 @@ def edit(
         list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value.")
     ] = None,
     save: Annotated[Path | None, typer.Option(help="Save the patch to this folder.")] = None,
+    editor: EditorOption = None,
     model: ModelOption = None,
     chat: ChatOption = False,
 ) -> None:
@@ -243,7 +262,7 @@ def edit(
             )
         ]
     lm = _load(model, chat)
-    cfg = _config(method, config, set_, lm.model_type)
+    cfg = _config(method, config, set_, lm.model_type, editor)
     probes = [p for r in reqs for p in probes_for(r)]
     before = probe(lm, probes)
     with console.status(f"editing with {method}..."):
@@ -279,6 +298,86 @@ def apply(
     if export:
         patch.export(lm, export)
         console.print(f"edited model exported to {export} (loads with transformers alone)")
+
+
+@app.command("train-editor")
+@friendly
+def train_editor(
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Edit records: CounterFact (e.g. ../shared/data/counterfact/train.json), zsRE "
+            "(MEND layout) or lmscalpel requests."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write the trained editor to.")],
+    method: Annotated[str, typer.Option(help="Learned editing method.")] = "mend",
+    steps: Annotated[int | None, typer.Option(help="Training steps (at most).")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Wall-time budget for training (default 25).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of training settings.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a training setting: key=value.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
+    ] = None,
+    model: ModelOption = None,
+) -> None:
+    """Meta-train a learned editor (MEND) for a model and save it for `edit --editor`."""
+    import time
+
+    import torch
+
+    from .methods.mend import MENDTrainConfig, load_edit_records, save_editor, train_mend
+
+    if method != "mend":
+        raise typer.BadParameter(f"{method!r} is not a learned editor; use --method mend")
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.monotonic()
+    lm = _load(model)
+    base = (
+        MENDTrainConfig.from_yaml(config, lm.model_type)
+        if config
+        else MENDTrainConfig.for_model(lm.model_type)
+    )
+    overrides = _parse_sets(set_)
+    if steps is not None:
+        overrides["steps"] = steps
+    if max_minutes is not None:
+        overrides["max_minutes"] = max_minutes
+    cfg = base.replace(**overrides) if overrides else base
+    records = load_edit_records(data)
+    console.print(f"{len(records)} edit records from {data}")
+    result = train_mend(lm, records, cfg)
+    training = {
+        "data": str(data),
+        "config": cfg.to_dict(),
+        **result.summary(),
+        "command_seconds": round(time.monotonic() - start, 1),
+    }
+    save_editor(result.network, lm, out, training)
+    table = Table(
+        title=f"MEND editor for {lm.name}: {len(records)} records, {result.n_val} held out"
+    )
+    for column in ("editor", "step", "edit success", "paraphrase success", "locality drawdown"):
+        table.add_column(column)
+    for label, row in (("untrained", result.untrained), ("trained (best)", result.best)):
+        table.add_row(
+            label,
+            str(row.get("step", 0)),
+            f"{row['es']:.3f}",
+            f"{row['ps']:.3f}",
+            f"{row['dd']:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min (stopped: "
+        f"{result.stopped}); editor saved to {out} — use it with "
+        f"`lmscalpel edit --method mend --editor {out} ...`"
+    )
 
 
 @app.command()

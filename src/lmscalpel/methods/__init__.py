@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft
+from . import ft, mend
 from .base import (
     Editor,
     available_methods,
@@ -16,6 +16,7 @@ __all__ = [
     "editor_class",
     "ft",
     "get_editor",
+    "mend",
     "register",
     "resolve_layers",
 ]

@@ -1,0 +1,444 @@
+"""Meta-training a MEND editor on edit records.
+
+Mitchell et al. 2022, "Fast Model Editing at Scale", Algorithm 1. Each training step takes a batch
+of edits; for each edit e:
+
+1. the base model (frozen) runs on the edit prompt, and the teacher-forced NLL of ``target_new``
+   gives every edited matrix's per-token (u, δ) (:mod:`.grads`);
+2. the editor turns them into ΔW_e (:mod:`.network`);
+3. the edited model — every row seeing its own edit's ΔW, applied through hooks, the base weights
+   untouched (:mod:`.edited`) — is scored on the edit prompt and its paraphrase (generalization:
+   NLL of ``target_new``) and on an unrelated prompt (locality: KL(original ‖ edited) of the full
+   next-token distributions at its answer's positions);
+4. the editor's parameters take an Adam step on
+   ``edit_weight x NLL + loc_weight x KL``.
+
+Before training, the standardisation statistics of (u, δ) are measured on training edits and
+the initial step size η is chosen by a line search on the same objective, so the untrained
+editor is already a sensible gradient step. A held-out validation slice is scored before
+training and every ``val_every`` steps — edit success (ES: every target token is the edited
+model's argmax), paraphrase success (PS) and locality drawdown (DD: the share of locality tokens
+whose argmax changed) — and the best state by ``(ES + PS) / 2 - DD`` is kept; training stops
+after ``steps``, after ``patience`` validations without improvement, or when ``max_minutes`` of
+wall time are spent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ...config import ConfigError, MethodConfig
+from ...hooks import capture, resume_at
+from ...models.loaded import LoadedModel
+from ...requests import EditRequest
+from ...scoring import TeacherForcedBatch, build_batch
+from .edited import edited_forward
+from .grads import (
+    TokenGrads,
+    edit_token_grads,
+    edited_parameter_names,
+    lowest_layer,
+    matrix_shape,
+    pair_means,
+    record_io,
+    scored_logprobs,
+    token_grads,
+)
+from .network import MENDNetwork
+
+log = logging.getLogger(__name__)
+
+EDIT, PARAPHRASE, LOCALITY = 0, 1, 2
+
+
+@dataclass
+class MENDTrainConfig(MethodConfig):
+    """Meta-training hyperparameters (and the shape of the editor they build).
+
+    ``layers`` (negative counts from the top) and ``matrices`` (``"mlp"``: every MLP matrix,
+    ``"mlp_out"``: the output one) choose the edited weights; ``rank`` is the width of each
+    transform's hidden layer. ``lr`` trains the transforms, ``step_lr`` the log step sizes.
+    ``edit_weight`` and ``loc_weight`` weigh the edit/paraphrase NLL against the locality KL.
+    ``val_size`` records are held out; ``calibration_edits`` training edits set the input
+    statistics and the initial step size. ``max_train`` caps the training records used.
+    """
+
+    layers: list[int] = (-3, -2, -1)
+    matrices: Literal["mlp", "mlp_out"] = "mlp"
+    rank: int = 256
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    step_lr: float = 1e-2
+    edit_weight: float = 1.0
+    loc_weight: float = 1.0
+    grad_clip: float = 1.0
+    val_size: int = 48
+    val_every: int = 50
+    patience: int = 6
+    max_minutes: float | None = 25.0
+    calibration_edits: int = 64
+    max_train: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.layers:
+            raise ConfigError("MENDTrainConfig.layers is empty: name at least one layer to edit")
+        for key in ("rank", "batch_size", "val_every", "patience", "calibration_edits"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"MENDTrainConfig.{key} must be at least 1")
+        if self.steps < 0 or self.val_size < 1:
+            raise ConfigError("MENDTrainConfig: steps must be >= 0 and val_size >= 1")
+
+
+# ---- one meta-batch ---------------------------------------------------------------------------
+@dataclass
+class MetaBatch:
+    """The edit, paraphrase and locality prompts of several edits in one teacher-forced batch.
+
+    ``role[p]``: EDIT, PARAPHRASE or LOCALITY for pair ``p``; ``owner[r]``: the edit whose ΔW
+    row ``r`` sees; ``edit_rows[e]``: the row of edit ``e``'s own prompt.
+    """
+
+    batch: TeacherForcedBatch
+    role: torch.Tensor  # (n_pairs,)
+    owner: torch.Tensor  # (rows,)
+    edit_rows: list[int]
+    n_edits: int
+
+    @classmethod
+    def build(cls, lm: LoadedModel, requests: Sequence[EditRequest]) -> MetaBatch:
+        prompts, targets, roles, owners = [], [], [], []
+
+        def add(prompt: str, target: str, role: int, edit: int) -> None:
+            prompts.append(prompt)
+            targets.append(target)
+            roles.append(role)
+            owners.append(edit)
+
+        for e, request in enumerate(requests):
+            add(request.prompt, request.target_new, EDIT, e)
+            for paraphrase in request.paraphrases[:1]:
+                add(paraphrase, request.target_new, PARAPHRASE, e)
+            for probe in request.locality[:1]:
+                add(probe.prompt, probe.answer, LOCALITY, e)
+        batch = build_batch(lm, prompts, targets, share_prefixes=False)
+        owner = torch.zeros(batch.input_ids.shape[0], dtype=torch.long)
+        edit_rows = [0] * len(requests)
+        for pair, row in enumerate(batch.rows_of_pairs):
+            owner[row] = owners[pair]
+            if roles[pair] == EDIT:
+                edit_rows[owners[pair]] = row
+        return cls(batch, torch.tensor(roles), owner, edit_rows, len(requests))
+
+    def token_role(self) -> torch.Tensor:
+        return self.role.to(self.batch.pair_index.device)[self.batch.pair_index]
+
+
+@dataclass
+class Reference:
+    """What the unedited model gives on a meta-batch: the edit's (u, δ), the locality
+    log-distributions (N_loc, vocab), and the hidden state (rows, S, d) entering block ``start``,
+    the lowest edited one (the edited pass starts there)."""
+
+    grads: TokenGrads
+    locality_logprobs: torch.Tensor
+    start: int
+    hidden: torch.Tensor
+
+
+def reference(lm: LoadedModel, mb: MetaBatch, names: Sequence[str]) -> Reference:
+    """Pass 1: the frozen model on the whole meta-batch; δ from the edit prompts' NLL."""
+    batch = mb.batch
+    start = lowest_layer(lm.adapter, names)
+    block = lm.adapter.layer_name(start)
+    with (
+        torch.enable_grad(),
+        record_io(lm.model, names) as records,
+        capture(lm.model, block, inputs=True, outputs=False) as entering,
+    ):
+        logprobs = scored_logprobs(lm, batch)
+        chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
+        nll = -pair_means(chosen, batch)
+        loss = nll[mb.role.to(nll.device) == EDIT].sum()
+        grads = token_grads(records, loss, mb.edit_rows, batch.attention_mask)
+    is_loc = mb.token_role() == LOCALITY
+    return Reference(grads, logprobs.detach()[is_loc], start, entering[block].input)
+
+
+@contextmanager
+def _from_start(lm: LoadedModel, ref: Reference) -> Iterator[None]:
+    """Skip the blocks below the lowest edited one: their output is ``ref.hidden`` anyway."""
+    adapter = lm.adapter
+    skipped = [adapter.layer_name(layer) for layer in range(ref.start)]
+    with resume_at(lm.model, skipped, adapter.layer_name(ref.start), ref.hidden):
+        yield
+
+
+def meta_loss(
+    lm: LoadedModel,
+    mb: MetaBatch,
+    ref: Reference,
+    network: MENDNetwork,
+    config: MENDTrainConfig,
+    step_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pass 2: the edited model on the meta-batch; the loss and its metrics (see module doc)."""
+    batch = mb.batch
+    factors = network.factors(ref.grads, step_scale)
+    with _from_start(lm, ref), edited_forward(lm, factors, mb.owner):
+        logprobs = scored_logprobs(lm, batch)
+    chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
+    hits = (logprobs.argmax(-1) == batch.token_ids).float()
+    role = mb.role.to(chosen.device)
+    nll = -pair_means(chosen, batch)
+    exact = pair_means(hits, batch) == 1.0
+    is_loc = mb.token_role() == LOCALITY
+    loc_ref = ref.locality_logprobs
+    kl_tokens = (loc_ref.exp() * (loc_ref - logprobs[is_loc])).sum(-1)
+    changed = (logprobs[is_loc].argmax(-1) != loc_ref.argmax(-1)).float()
+    wants_edit = role != LOCALITY
+    edit_loss = nll[wants_edit].mean()
+    loc_loss = kl_tokens.mean() if len(kl_tokens) else edit_loss.new_zeros(())
+    loss = config.edit_weight * edit_loss + config.loc_weight * loc_loss
+    stats = {
+        "loss": float(loss.detach()),
+        "nll": float(edit_loss.detach()),
+        "kl": float(loc_loss.detach()),
+        "es": float(exact[role == EDIT].float().mean()),
+        "ps": float(exact[role == PARAPHRASE].float().mean())
+        if (role == PARAPHRASE).any()
+        else 0.0,
+        "dd": float(changed.mean()) if len(changed) else 0.0,
+    }
+    return loss, stats
+
+
+# ---- evaluation on held-out edits -------------------------------------------------------------
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def validate(
+    lm: LoadedModel,
+    network: MENDNetwork,
+    requests: Sequence[EditRequest],
+    config: MENDTrainConfig,
+    step_scale: float = 1.0,
+) -> dict[str, float]:
+    """Mean metrics of the editor over ``requests`` (each edit applied alone), plus ``score``."""
+    totals: dict[str, float] = {}
+    for chunk in _batches(requests, config.batch_size):
+        mb = MetaBatch.build(lm, chunk)
+        ref = reference(lm, mb, network.parameter_names)
+        with torch.no_grad():
+            _, stats = meta_loss(lm, mb, ref, network, config, step_scale)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value * len(chunk)
+    result = {key: value / len(requests) for key, value in totals.items()}
+    result["score"] = (result["es"] + result["ps"]) / 2 - result["dd"]
+    return result
+
+
+# ---- set-up before training -------------------------------------------------------------------
+def build_network(lm: LoadedModel, config: MENDTrainConfig) -> MENDNetwork:
+    """An untrained editor for ``lm``'s chosen matrices (statistics not yet calibrated)."""
+    names = edited_parameter_names(lm.adapter, config.layers, config.matrices)
+    return MENDNetwork({n: matrix_shape(lm, n) for n in names}, config.rank)
+
+
+def calibrate(
+    lm: LoadedModel,
+    network: MENDNetwork,
+    requests: Sequence[EditRequest],
+    config: MENDTrainConfig,
+) -> dict[str, Any]:
+    """Measure the (u, δ) statistics on ``requests`` and line-search the initial step size."""
+    names = network.parameter_names
+    tokens = network.calibrate(
+        edit_token_grads(lm, chunk, names) for chunk in _batches(requests, config.batch_size)
+    )
+    chunk = list(requests[: 2 * config.batch_size])
+    mb = MetaBatch.build(lm, chunk)
+    ref = reference(lm, mb, names)
+
+    def loss_at(log10_step: float) -> float:
+        network.set_step(10.0**log10_step)
+        with torch.no_grad():
+            return meta_loss(lm, mb, ref, network, config)[0].item()
+
+    grid = {x: loss_at(x) for x in range(-8, 0)}
+    best = min(grid, key=lambda x: grid[x] if math.isfinite(grid[x]) else math.inf)
+    for x in (best - 0.5, best + 0.5):
+        grid[x] = loss_at(x)
+    best = min(grid, key=lambda x: grid[x] if math.isfinite(grid[x]) else math.inf)
+    network.set_step(10.0**best)
+    log.info("calibrated on %d tokens; initial step size %.1e", tokens, 10.0**best)
+    return {"tokens": tokens, "initial_step": 10.0**best, "line_search": grid}
+
+
+# ---- the loop -------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """A trained editor and how it got there."""
+
+    network: MENDNetwork
+    steps: int
+    seconds: float
+    stopped: str  # "steps", "patience" or "time"
+    untrained: dict[str, float]
+    best: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    n_train: int = 0
+    n_val: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "stopped": self.stopped,
+            "train_records": self.n_train,
+            "val_records": self.n_val,
+            "untrained_validation": self.untrained,
+            "best_validation": self.best,
+            "history": self.history,
+            "initial_step": self.calibration.get("initial_step"),
+            "step_sizes": self.network.step_sizes(),
+        }
+
+
+def split_records(
+    requests: Sequence[EditRequest], config: MENDTrainConfig
+) -> tuple[list[EditRequest], list[EditRequest]]:
+    """Shuffle (seeded) and hold out ``val_size`` records: (train, validation)."""
+    if len(requests) <= config.val_size:
+        raise ConfigError(
+            f"{len(requests)} records cannot hold out val_size={config.val_size} and still train"
+        )
+    order = list(requests)
+    random.Random(config.seed).shuffle(order)
+    val, train = order[: config.val_size], order[config.val_size :]
+    if config.max_train is not None:
+        train = train[: config.max_train]
+    return train, val
+
+
+def train_mend(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    config: MENDTrainConfig | None = None,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Meta-train a MEND editor for ``lm`` on edit ``requests`` (see the module docstring).
+
+    The base model is never modified. Returns the best editor by validation score.
+    """
+    config = config or MENDTrainConfig.for_model(lm.model_type)
+    start = time.monotonic()
+    deadline = start + 60 * config.max_minutes if config.max_minutes is not None else math.inf
+    train, val = split_records(requests, config)
+    torch.manual_seed(config.seed)
+    network = build_network(lm, config)
+    calibration = calibrate(lm, network, train[: config.calibration_edits], config)
+    untrained = validate(lm, network, val, config)
+    log.info("untrained editor on %d held-out edits: %s", len(val), _fmt(untrained))
+    best, best_state = dict(untrained, step=0), copy.deepcopy(network.state_dict())
+    history = [dict(untrained, step=0, seconds=time.monotonic() - start)]
+
+    step_params = [network.log_step]
+    other = [p for n, p in network.named_parameters() if n != "log_step"]
+    optimizer = torch.optim.Adam(
+        [{"params": other, "lr": config.lr}, {"params": step_params, "lr": config.step_lr}]
+    )
+    rng = random.Random(config.seed + 1)
+    order: list[EditRequest] = []
+    running: dict[str, float] = {}
+    stale, step, stopped = 0, 0, "steps"
+    bar = tqdm(total=config.steps, desc="meta-training MEND", disable=not progress, unit="step")
+    try:
+        while step < config.steps:
+            if time.monotonic() > deadline:
+                stopped = "time"
+                break
+            if len(order) < config.batch_size:
+                order = list(train)
+                rng.shuffle(order)
+            chunk, order = order[: config.batch_size], order[config.batch_size :]
+            mb = MetaBatch.build(lm, chunk)
+            ref = reference(lm, mb, network.parameter_names)
+            loss, stats = meta_loss(lm, mb, ref, network, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            for key, value in stats.items():
+                running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{running['loss']:.2f}",
+                es=f"{running['es']:.2f}",
+                ps=f"{running['ps']:.2f}",
+                drawdown=f"{running['dd']:.3f}",
+                best=f"{best['score']:.3f}",
+            )
+            if step % config.val_every == 0 or step == config.steps:
+                result = validate(lm, network, val, config)
+                history.append(dict(result, step=step, seconds=time.monotonic() - start))
+                log.info("step %d validation: %s", step, _fmt(result))
+                if result["score"] > best["score"]:
+                    best, stale = dict(result, step=step), 0
+                    best_state = copy.deepcopy(network.state_dict())
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        stopped = "patience"
+                        break
+    finally:
+        bar.close()
+    if step % config.val_every and stopped == "time":
+        result = validate(lm, network, val, config)
+        history.append(dict(result, step=step, seconds=time.monotonic() - start))
+        if result["score"] > best["score"]:
+            best, best_state = dict(result, step=step), copy.deepcopy(network.state_dict())
+    network.load_state_dict(best_state)
+    seconds = time.monotonic() - start
+    log.info(
+        "MEND trained %d steps in %.0f s (stopped: %s); best validation at step %d: %s",
+        step,
+        seconds,
+        stopped,
+        best["step"],
+        _fmt(best),
+    )
+    return TrainResult(
+        network=network,
+        steps=step,
+        seconds=seconds,
+        stopped=stopped,
+        untrained=untrained,
+        best=best,
+        history=history,
+        calibration=calibration,
+        n_train=len(train),
+        n_val=len(val),
+    )
+
+
+def _fmt(stats: dict[str, float]) -> str:
+    keys = ("es", "ps", "dd", "nll", "kl", "score")
+    return " ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
