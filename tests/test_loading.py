@@ -39,3 +39,27 @@ def test_local_folder_loads(tmp_path):
     lm.tokenizer.save_pretrained(tmp_path)
     again = load_model(tmp_path)
     assert again.fingerprint == lm.fingerprint and again.model_type == "gpt2"
+
+
+def test_hub_id_in_the_local_cache_loads_offline(tmp_path):
+    """A hub id that is already in the Hugging Face cache loads without the network."""
+    import os
+    import subprocess
+    import sys as _sys
+
+    from lmscalpel.testing import tiny_model
+
+    snapshot = tmp_path / "hub" / "models--nobody--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(snapshot)
+    lm.tokenizer.save_pretrained(snapshot)
+    refs = tmp_path / "hub" / "models--nobody--tiny-llama" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    code = "import lmscalpel as ls; print(ls.load_model('nobody/tiny-llama').fingerprint)"
+    out = subprocess.run(
+        [_sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == lm.fingerprint
