@@ -163,7 +163,7 @@ def test_functional_edit_matches_the_patched_weights(tiny):
     ref = reference(tiny, mb, network.parameter_names)
     with torch.no_grad():
         factors = network.factors(ref.grads)
-        with _from_start(tiny, ref), edited_forward(tiny, factors, mb.owner):
+        with _from_start(tiny, ref.start, ref.hidden), edited_forward(tiny, factors, mb.owner):
             functional, _ = token_logprobs(tiny, mb.batch)
     for e in range(3):
         patch = mend_patch(tiny, [records[e]], network, MENDConfig())
