@@ -22,7 +22,9 @@ from lmscalpel.methods.mend import (
     train_mend,
 )
 from lmscalpel.methods.mend.edited import edited_forward
+from lmscalpel.methods.mend.grads import lowest_layer, scored_logprobs
 from lmscalpel.methods.mend.train import (
+    LowerCache,
     MetaBatch,
     _from_start,
     build_network,
@@ -172,6 +174,29 @@ def test_functional_edit_matches_the_patched_weights(tiny):
         rows = (mb.owner == e).nonzero().flatten()
         tokens = torch.isin(mb.batch.rows, rows)
         torch.testing.assert_close(functional[tokens], direct[tokens], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_pass_from_the_kept_lower_blocks_matches_a_full_pass(tiny):
+    """Meta-training's reference pass (lower blocks kept in a cache, edit and locality rows run
+    apart, started at the lowest edited block) gives the full model's (u, δ) and locality
+    distributions."""
+    names = edited_parameter_names(tiny.adapter, [-2, -1])
+    records = synthetic_records(6)
+    cache = LowerCache(tiny, lowest_layer(tiny.adapter, names))
+    mb = MetaBatch.build(tiny, records)
+    for _ in range(2):  # the second time, everything below comes from the cache
+        ref = reference(tiny, mb, names, cache)
+        full = edit_token_grads(tiny, records, names)
+        for name in names:
+            torch.testing.assert_close(
+                ref.grads.weight_gradient(name), full.weight_gradient(name), rtol=1e-4, atol=1e-6
+            )
+        loc = [r.locality[0] for r in records]
+        batch = build_batch(tiny, [p.prompt for p in loc], [p.answer for p in loc])
+        with torch.no_grad():
+            expected = scored_logprobs(tiny, batch)
+        torch.testing.assert_close(ref.locality_logprobs, expected, rtol=1e-4, atol=1e-5)
+    assert len(cache.store) == 3 * len(records)
 
 
 # ---- the network ------------------------------------------------------------------------------

@@ -205,27 +205,56 @@ class Reference:
     hidden: torch.Tensor
 
 
+def rows_of(batch: TeacherForcedBatch, rows: Sequence[int]) -> TeacherForcedBatch:
+    """The sub-batch made of ``rows`` (in that order) with their scored tokens (order kept);
+    pairs read from other rows are left without tokens."""
+    index = torch.as_tensor(list(rows), device=batch.input_ids.device)
+    remap = torch.full((batch.input_ids.shape[0],), -1, device=index.device)
+    remap[index] = torch.arange(len(index), device=index.device)
+    keep = remap[batch.rows] >= 0
+    return TeacherForcedBatch(
+        input_ids=batch.input_ids[index],
+        attention_mask=batch.attention_mask[index],
+        rows=remap[batch.rows[keep]],
+        positions=batch.positions[keep],
+        token_ids=batch.token_ids[keep],
+        pair_index=batch.pair_index[keep],
+        is_target=batch.is_target[keep],
+        prompt_lengths=batch.prompt_lengths,
+        rows_of_pairs=[int(remap[r]) for r in batch.rows_of_pairs],
+        n_pairs=batch.n_pairs,
+    )
+
+
 def reference(
     lm: LoadedModel, mb: MetaBatch, names: Sequence[str], cache: LowerCache | None = None
 ) -> Reference:
-    """Pass 1: the frozen model on the whole meta-batch; δ from the edit prompts' NLL."""
+    """Pass 1: the frozen model's δ from the edit prompts' NLL (edit rows only, with grad) and
+    its locality distributions (locality rows only, no grad); paraphrase rows need nothing here
+    but their hidden state entering the edited blocks."""
     batch = mb.batch
     start = lowest_layer(lm.adapter, names)
     if cache is None or cache.start != start:
         cache = LowerCache(lm, start, limit=0)
     hidden = cache.hidden(mb)
+    edits = rows_of(batch, mb.edit_rows)
     with (
         torch.enable_grad(),
-        _from_start(lm, start, hidden),
+        _from_start(lm, start, hidden[mb.edit_rows]),
         record_io(lm.model, names) as records,
     ):
-        logprobs = scored_logprobs(lm, batch)
-        chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
-        nll = -pair_means(chosen, batch)
-        loss = nll[mb.role.to(nll.device) == EDIT].sum()
-        grads = token_grads(records, loss, mb.edit_rows, batch.attention_mask)
-    is_loc = mb.token_role() == LOCALITY
-    return Reference(grads, logprobs.detach()[is_loc], start, hidden)
+        logprobs = scored_logprobs(lm, edits)
+        chosen = logprobs.gather(1, edits.token_ids[:, None]).squeeze(1)
+        loss = -pair_means(chosen, edits).sum()
+        grads = token_grads(records, loss, range(mb.n_edits), edits.attention_mask)
+    role = mb.role.tolist()
+    loc_rows = [batch.rows_of_pairs[p] for p in range(batch.n_pairs) if role[p] == LOCALITY]
+    if loc_rows:
+        with torch.no_grad(), _from_start(lm, start, hidden[loc_rows]):
+            locality = scored_logprobs(lm, rows_of(batch, loc_rows))
+    else:
+        locality = logprobs.detach()[:0]
+    return Reference(grads, locality, start, hidden)
 
 
 @contextmanager
