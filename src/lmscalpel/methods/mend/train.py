@@ -73,7 +73,8 @@ class MENDTrainConfig(MethodConfig):
     ``layers`` (negative counts from the top) and ``matrices`` (``"mlp"``: every MLP matrix,
     ``"mlp_out"``: the output one) choose the edited weights; ``rank`` is the width of each
     transform's hidden layer. ``lr`` trains the transforms, ``step_lr`` the log step sizes.
-    ``edit_weight`` and ``loc_weight`` weigh the edit/paraphrase NLL against the locality KL.
+    ``edit_weight`` and ``loc_weight`` weigh the edit/paraphrase NLL against the locality KL
+    (the paper's c_edit = 0.1 and c_loc = 1).
     ``val_size`` records are held out; ``calibration_edits`` training edits set the input
     statistics and the initial step size. ``max_train`` caps the training records used: each
     record's pass through the unedited blocks below the edit is made once and kept (see
@@ -87,7 +88,7 @@ class MENDTrainConfig(MethodConfig):
     batch_size: int = 8
     lr: float = 1e-4
     step_lr: float = 1e-2
-    edit_weight: float = 1.0
+    edit_weight: float = 0.1
     loc_weight: float = 1.0
     grad_clip: float = 1.0
     val_size: int = 48
