@@ -360,7 +360,8 @@ def train_editor(
     }
     save_editor(result.network, lm, out, training)
     table = Table(
-        title=f"MEND editor for {lm.name}: {len(records)} records, {result.n_val} held out"
+        title=f"MEND editor for {lm.name}: trained on {result.n_train} of {len(records)} "
+        f"records, {result.n_val} held out"
     )
     for column in ("editor", "step", "edit success", "paraphrase success", "locality drawdown"):
         table.add_column(column)
