@@ -30,13 +30,8 @@ from pathlib import Path
 import torch
 
 import lmscalpel as ls
-from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, load_cases
-from lmscalpel.methods.mend import (
-    MENDTrainConfig,
-    load_edit_records,
-    read_editor_config,
-    save_editor,
-)
+from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, load_cases, read_dataset
+from lmscalpel.methods.mend import MENDTrainConfig, read_editor_config, save_editor
 from lmscalpel.methods.mend.train import build_network, calibrate, split_records
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,7 +44,8 @@ def untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
         return folder
     training = meta["training"]
     config = MENDTrainConfig.from_dict(training["config"], lm.model_type)
-    train, _ = split_records(load_edit_records(training["data"]), config)
+    records = [r for case in read_dataset(training["data"]).cases for r in case.requests]
+    train, _ = split_records(records, config)
     torch.manual_seed(config.seed)
     network = build_network(lm, config)
     calibration = calibrate(lm, network, train[: config.calibration_edits], config)

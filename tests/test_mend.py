@@ -372,6 +372,16 @@ def test_cli_trains_an_editor_and_edits_with_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "p" / "patch.json").read_text())["method"] == "mend"
 
+    eval_out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        ["eval", "--method", "mend", "--editor", str(out), "--data", str(data), "--n", "2",
+         "--fluency-cases", "0", "--model", str(model_dir), "--out", str(eval_out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((eval_out / "summary.json").read_text())
+    assert summary["rows"]["mend"]["n_cases"] == 2
+
     result = runner.invoke(app, [*edit_args, "--model", str(other_dir)])
     assert result.exit_code == 2 and "trained for model" in " ".join(result.output.split())
     assert "Traceback" not in result.output

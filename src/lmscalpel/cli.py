@@ -36,12 +36,15 @@ ChatOption = Annotated[bool, typer.Option("--chat", help="Wrap prompts in the ch
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
+    from .evaluation import DatasetError, EvaluationError
     from .models import ModelNotAvailableError, UnsupportedArchitectureError
     from .patch import PatchError
     from .requests import EditRequestError
 
     return (
         ConfigError,
+        DatasetError,
+        EvaluationError,
         EditRequestError,
         ModelNotAvailableError,
         PatchError,
@@ -111,12 +114,21 @@ def _config(
     base = cls.from_yaml(config, model_type) if config else cls.for_model(model_type)
     overrides = _parse_sets(sets)
     if editor is not None:
-        if "editor" not in cls.field_names():
-            raise typer.BadParameter(
-                f"--editor is for learned editors (mend); method {method!r} takes none"
-            )
+        _editor_takers([method], editor)
         overrides["editor"] = str(editor)
     return base.replace(**overrides) if overrides else base
+
+
+def _editor_takers(methods: list[str], editor: Path) -> list[str]:
+    """The methods that take ``--editor`` (learned editors); none of them is a usage error."""
+    from .methods import editor_class
+
+    takers = [m for m in methods if "editor" in editor_class(m).config_class.field_names()]
+    if not takers:
+        raise typer.BadParameter(
+            f"--editor {editor} is for learned editors (mend); {', '.join(methods)} takes none"
+        )
+    return takers
 
 
 EditorOption = Annotated[
@@ -306,8 +318,8 @@ def train_editor(
     data: Annotated[
         Path,
         typer.Option(
-            help="Edit records: CounterFact (e.g. ../shared/data/counterfact/train.json), zsRE "
-            "(MEND layout) or lmscalpel requests."
+            help="Edit records, in any layout `eval` reads: CounterFact (e.g. "
+            "../shared/data/counterfact/train.json), zsRE (MEND layout), lmscalpel requests..."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write the trained editor to.")],
@@ -330,7 +342,8 @@ def train_editor(
 
     import torch
 
-    from .methods.mend import MENDTrainConfig, load_edit_records, save_editor, train_mend
+    from .evaluation import read_dataset
+    from .methods.mend import MENDTrainConfig, save_editor, train_mend
 
     if method != "mend":
         raise typer.BadParameter(f"{method!r} is not a learned editor; use --method mend")
@@ -349,8 +362,12 @@ def train_editor(
     if max_minutes is not None:
         overrides["max_minutes"] = max_minutes
     cfg = base.replace(**overrides) if overrides else base
-    records = load_edit_records(data)
-    console.print(f"{len(records)} edit records from {data}")
+    dataset = read_dataset(data)
+    records = [request for case in dataset.cases for request in case.requests]
+    console.print(
+        f"{len(records)} edit records from {data} ({dataset.layout})"
+        + (f", {len(dataset.problems)} malformed record(s) skipped" if dataset.problems else "")
+    )
     result = train_mend(lm, records, cfg)
     training = {
         "data": str(data),
@@ -379,6 +396,213 @@ def train_editor(
         f"{result.stopped}); editor saved to {out} — use it with "
         f"`lmscalpel edit --method mend --editor {out} ...`"
     )
+
+
+_N = Annotated[int | None, typer.Option("--n", help="Number of cases (default: all).")]
+_START = Annotated[int, typer.Option(help="Skip this many cases first (after the shuffle).")]
+_SEED = Annotated[int | None, typer.Option(help="Shuffle the cases with this seed before slicing.")]
+_LAYOUT = Annotated[str, typer.Option(help="Data layout (default: detected).")]
+_PROTOCOL = Annotated[
+    str, typer.Option(help="single (edit, measure, revert), batch, or sequential.")
+]
+_BATCH = Annotated[
+    int | None, typer.Option(help="batch protocol: cases per editor call (default: all).")
+]
+_CHECKPOINTS = Annotated[
+    str, typer.Option(help="sequential protocol: re-measure all earlier edits after k edits.")
+]
+_OUT = Annotated[
+    Path | None,
+    typer.Option(
+        help="Output folder (default: runs/<methods>-<data>-<protocol>-n<N>); "
+        "the same folder resumes a killed run."
+    ),
+]
+_CONFIG = Annotated[
+    Path | None,
+    typer.Option(help="YAML hyperparameters (compare: one section per method)."),
+]
+_SETS = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Hyperparameter override key=value (compare: method.key=value)."),
+]
+_FLUENCY_CASES = Annotated[
+    int, typer.Option(help="Cases whose long generations measure fluency (0: off).")
+]
+_FLUENCY_PROMPTS = Annotated[int, typer.Option(help="Fluency prompts per case.")]
+_FLUENCY_TOKENS = Annotated[int, typer.Option(help="Tokens generated per fluency prompt.")]
+_EXACT = Annotated[
+    bool, typer.Option(help="Also judge answers by greedy generation (exact match).")
+]
+_OVERWRITE = Annotated[bool, typer.Option(help="Start over in an existing output folder.")]
+
+
+DataOption = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Benchmark file (CounterFact, ROME, zsRE, KnowEdit, MQuAKE, "
+        "knowns, or a JSON/JSONL of edit requests).",
+    ),
+]
+
+
+def evaluate_command(
+    methods: Annotated[
+        str, typer.Option("--method", "--methods", help="Method, or comma-separated methods.")
+    ],
+    data: DataOption,
+    n: _N = None,
+    start: _START = 0,
+    seed: _SEED = None,
+    layout: _LAYOUT = "auto",
+    protocol: _PROTOCOL = "single",
+    batch_size: _BATCH = None,
+    checkpoints: _CHECKPOINTS = "1,10,100,1000",
+    out: _OUT = None,
+    config: _CONFIG = None,
+    set_: _SETS = None,
+    model: ModelOption = None,
+    chat: ChatOption = False,
+    fluency_cases: _FLUENCY_CASES = 10,
+    fluency_prompts: _FLUENCY_PROMPTS = 2,
+    fluency_tokens: _FLUENCY_TOKENS = 100,
+    exact_match: _EXACT = True,
+    overwrite: _OVERWRITE = False,
+    editor: EditorOption = None,
+) -> None:
+    """`eval` and `compare`: load the data, evaluate, print the table and write the results."""
+    import time
+
+    from .evaluation import EvalOptions, MethodSpec, compare, console_table, read_dataset
+
+    started = time.perf_counter()
+    try:
+        points = tuple(int(c) for c in checkpoints.split(",") if c.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"--checkpoints takes numbers like 1,10,100, got {checkpoints!r}"
+        ) from None
+    options = EvalOptions(
+        protocol=protocol,
+        batch_size=batch_size,
+        checkpoints=points,
+        exact_match=exact_match,
+        fluency_cases=fluency_cases,
+        fluency_prompts=fluency_prompts,
+        fluency_tokens=fluency_tokens,
+    )
+    methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods:
+        raise typer.BadParameter("--method takes a method name (or several, comma-separated)")
+    dataset = read_dataset(data, layout)
+    cases = dataset.select(n, start=start, seed=seed)
+    if dataset.problems:
+        console.print(
+            f"[yellow]{len(dataset.problems)} malformed record(s) of {data} skipped[/yellow] "
+            f"(first: {dataset.problems[0]})"
+        )
+    lm = _load(model, chat)
+    configs = _method_configs(methods, config, set_, lm.model_type, editor)
+    specs = [MethodSpec(m, c) for m, c in configs]
+    if out is None:
+        tag = f"{'+'.join(methods)}-{data.stem}-{protocol}-n{len(cases)}"
+        tag += (f"-from{start}" if start else "") + (f"-seed{seed}" if seed is not None else "")
+        out = Path("runs") / tag
+    console.print(
+        f"evaluating {', '.join(methods)} on {len(cases)} {dataset.layout} case(s) of {data} "
+        f"({protocol} protocol) -> {out}"
+    )
+    summary = compare(
+        lm,
+        cases,
+        specs,
+        options=options,
+        out=out,
+        overwrite=overwrite,
+        info={
+            "data": str(data),
+            "layout": dataset.layout,
+            "selection": {"n": n, "start": start, "seed": seed},
+            "malformed_records": [str(p) for p in dataset.problems],
+        },
+    )
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    console.print(console_table(summary))
+    left_out = summary.info["left_out_cases"]
+    if left_out:
+        console.print(f"[yellow]{len(left_out)} case(s) left out[/yellow]: {left_out[0]['reason']}")
+    written = ["summary.json", "table.md", "metrics.png"]
+    written += ["retention.png"] if summary.retention else []
+    console.print(
+        f"wrote {', '.join(str(out / w) for w in written)} and per-case JSONL "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+
+
+def _method_configs(
+    methods: list[str],
+    config: Path | None,
+    sets: list[str] | None,
+    model_type,
+    editor: Path | None = None,
+):
+    """One config per method: the family defaults, or a YAML file (for several methods: one
+    section per method name), then `--set` overrides (`key=value` for every method that has the
+    key, `method.key=value` for one), then `--editor` for the learned editors among them."""
+    from .config import ConfigError
+    from .methods import editor_class
+
+    sections: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise FileNotFoundError(f"no config file at {config}")
+        data = yaml.safe_load(config.read_text()) or {}
+        if len(methods) > 1 or (isinstance(data, dict) and methods[0] in data):
+            if not isinstance(data, dict) or not set(data) <= set(methods):
+                raise ConfigError(
+                    f"{config}: for several methods, give one section per method "
+                    f"({', '.join(methods)}); found {sorted(data) if isinstance(data, dict) else data}"
+                )
+            sections = data
+        else:
+            sections = {methods[0]: data}
+    overrides = _parse_sets(sets)
+    per_method: dict[str, dict] = {m: {} for m in methods}
+    for key, value in overrides.items():
+        prefix, dot, field = key.partition(".")
+        if dot and prefix in per_method:
+            per_method[prefix][field] = value
+            continue
+        takers = [m for m in methods if key in editor_class(m).config_class.field_names()]
+        if not takers:
+            raise ConfigError(f"no method among {methods} has a hyperparameter {key!r}")
+        for m in takers:
+            per_method[m][key] = value
+    if editor is not None:
+        for m in _editor_takers(methods, editor):
+            per_method[m]["editor"] = str(editor)
+    result = []
+    for m in methods:
+        cls = editor_class(m).config_class
+        base = (
+            cls.from_dict(sections[m], model_type, where=f"{config}:{m}")
+            if m in sections
+            else cls.for_model(model_type)
+        )
+        result.append((m, base.replace(**per_method[m]) if per_method[m] else base))
+    return result
+
+
+app.command(
+    "eval",
+    help="Evaluate a method on a benchmark: efficacy, generalization, locality, portability, "
+    "fluency; the unedited model is the baseline row.",
+)(friendly(evaluate_command))
+app.command(
+    "compare", help="Evaluate several methods (--methods a,b) on the same cases, side by side."
+)(friendly(evaluate_command))
 
 
 @app.command()

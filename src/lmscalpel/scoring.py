@@ -28,12 +28,14 @@ class TargetScore:
     """Teacher-forced score of one target after one prompt.
 
     ``token_logprobs[i]`` is log P(token i | prompt, tokens < i); ``argmax_hits[i]`` whether that
-    token was the model's top-1 prediction there.
+    token was the model's top-1 prediction there, and ``argmax_ids[i]`` what that prediction was
+    (evaluation compares them before and after an edit to see whether an output changed).
     """
 
     token_ids: tuple[int, ...]
     token_logprobs: tuple[float, ...]
     argmax_hits: tuple[bool, ...]
+    argmax_ids: tuple[int, ...] = ()
 
     @property
     def sum_logprob(self) -> float:
@@ -175,12 +177,19 @@ def token_logprobs(lm: LoadedModel, batch: TeacherForcedBatch) -> tuple[torch.Te
     Differentiable (no ``no_grad`` here): methods build their losses on it. Any hooks installed on
     the model are active during the forward pass.
     """
+    chosen, top = _logprobs_and_argmax(lm, batch)
+    return chosen, top == batch.token_ids
+
+
+def _logprobs_and_argmax(
+    lm: LoadedModel, batch: TeacherForcedBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (N,) of the scored tokens and the argmax token id (N,) at each position."""
     hidden = hidden_states(lm, batch.input_ids, batch.attention_mask)
     logits = lm.adapter.logits(hidden[batch.rows, batch.positions]).float()
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
-    hits = logits.argmax(dim=-1) == batch.token_ids
-    return chosen, hits
+    return chosen, logits.argmax(dim=-1)
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -212,17 +221,18 @@ def score_targets(
         for chunk in _chunks(len(groups), batch_size):
             indices = [i for g in chunk for i in groups[g]]
             batch = build_batch(lm, [prompts[i] for i in indices], [targets[i] for i in indices])
-            logprobs, hits = token_logprobs(lm, batch)
+            logprobs, top = _logprobs_and_argmax(lm, batch)
             pairs = batch.pair_index.tolist()
-            ids, lps, oks = batch.token_ids.tolist(), logprobs.tolist(), hits.tolist()
+            ids, lps, tops = batch.token_ids.tolist(), logprobs.tolist(), top.tolist()
             collected: dict[int, tuple[list, list, list]] = {}
             for n, pair in enumerate(pairs):
                 slot = collected.setdefault(pair, ([], [], []))
                 slot[0].append(ids[n])
                 slot[1].append(lps[n])
-                slot[2].append(oks[n])
-            for pair, (tid, lp, ok) in collected.items():
-                results[indices[pair]] = TargetScore(tuple(tid), tuple(lp), tuple(ok))
+                slot[2].append(tops[n])
+            for pair, (tid, lp, tp) in collected.items():
+                hits = tuple(a == b for a, b in zip(tid, tp))
+                results[indices[pair]] = TargetScore(tuple(tid), tuple(lp), hits, tuple(tp))
     return results  # type: ignore[return-value]
 
 

@@ -8,13 +8,13 @@ gradient to a better weight change, so that an edit costs one forward and backwa
 - :mod:`.network` — the gradient transform (low-rank MLP, identity at init, per-matrix scale,
   shift and step size);
 - :mod:`.edited` — the edited model in a forward pass, per batch row, weights untouched;
-- :mod:`.train` — meta-training with early stopping; :mod:`.data` — training records;
+- :mod:`.train` — meta-training with early stopping (records come from any benchmark file
+  :func:`lmscalpel.evaluation.read_dataset` reads);
 - :mod:`.checkpoint` — safetensors + JSON, refused for another model;
 - :mod:`.editor` — the registered ``mend`` editor producing ordinary patches.
 """
 
 from .checkpoint import EditorCheckpointError, load_editor, read_editor_config, save_editor
-from .data import load_edit_records
 from .editor import MEND, MENDConfig, mend_patch
 from .grads import TokenGrads, edit_token_grads, edited_parameter_names
 from .network import GradientTransform, MENDNetwork
@@ -31,7 +31,6 @@ __all__ = [
     "TrainResult",
     "edit_token_grads",
     "edited_parameter_names",
-    "load_edit_records",
     "load_editor",
     "mend_patch",
     "read_editor_config",

@@ -1,0 +1,49 @@
+"""Evaluation: did the edit take, generalise, stay local, propagate, and keep the model fluent?
+
+    from lmscalpel import load_model
+    from lmscalpel.evaluation import load_cases, evaluate, compare
+
+    lm = load_model()
+    cases = load_cases("../shared/data/counterfact/edit.json", n=50)
+    summary = compare(lm, cases, ["ft-l", "ft-m"], out="runs/ft")  # or evaluate(lm, cases, "ft-l")
+    summary.rows["unedited"]["ES"], summary.rows["ft-l"]["ES"], summary.rows["ft-l"]["NS"]
+
+Modules, one idea each: :mod:`.metrics` (definitions), :mod:`.cases` and :mod:`.datasets`
+(benchmark files -> cases), :mod:`.measure` (batched measurement through
+:mod:`lmscalpel.scoring`), :mod:`.aggregate` (measurements -> metrics -> rows),
+:mod:`.protocols` (single, batch, sequential), :mod:`.store` (resumable output folder),
+:mod:`.runner` (the pipeline), :mod:`.report` and :mod:`.plots` (tables and PNGs),
+:mod:`.resources` (time and peak memory of edits). See docs/evaluation.md.
+"""
+
+from .aggregate import aggregate, case_metrics
+from .cases import EvalCase, select_cases
+from .datasets import LAYOUTS, Dataset, DatasetError, RecordProblem, load_cases, read_dataset
+from .measure import measure
+from .options import PROTOCOLS, EvalOptions, EvaluationError
+from .report import console_table, markdown_table
+from .runner import BASELINE, MethodSpec, Summary, compare, evaluate
+
+__all__ = [
+    "BASELINE",
+    "LAYOUTS",
+    "PROTOCOLS",
+    "Dataset",
+    "DatasetError",
+    "EvalCase",
+    "EvalOptions",
+    "EvaluationError",
+    "MethodSpec",
+    "RecordProblem",
+    "Summary",
+    "aggregate",
+    "case_metrics",
+    "compare",
+    "console_table",
+    "evaluate",
+    "load_cases",
+    "markdown_table",
+    "measure",
+    "read_dataset",
+    "select_cases",
+]

@@ -1,0 +1,141 @@
+"""Summaries as tables: markdown for files, rich for the terminal.
+
+Rates, accuracies and probability margins are shown in percent (as in the ROME and EasyEdit
+papers), fluency in bits, time in seconds per edit and memory in MiB. A value a row cannot have
+(locality-as-unchanged for the unedited model) is shown as "—".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .runner import Summary
+
+ORDER = (
+    "n_cases",
+    "ES", "PS", "NS", "score", "EM", "PM", "NM",
+    "edit_acc", "paraphrase_acc", "exact_match", "paraphrase_exact_match",
+    "locality_unchanged", "portability", "portability_exact_match", "fluency",
+    "seconds_per_edit", "peak_memory_mb", "memory_overhead_mb", "n_edits",
+)  # fmt: skip
+HEADERS = {
+    "n_cases": "n",
+    "score": "S",
+    "edit_acc": "edit acc",
+    "paraphrase_acc": "para acc",
+    "exact_match": "exact",
+    "paraphrase_exact_match": "para exact",
+    "locality_unchanged": "loc same",
+    "portability": "port",
+    "portability_exact_match": "port exact",
+    "seconds_per_edit": "s/edit",
+    "peak_memory_mb": "peak MiB",
+    "memory_overhead_mb": "+MiB",
+    "n_edits": "edits",
+}
+TERMINAL = (
+    "n_cases", "ES", "PS", "NS", "score", "EM", "edit_acc", "exact_match",
+    "locality_unchanged", "portability", "fluency", "seconds_per_edit", "peak_memory_mb",
+)  # fmt: skip
+RAW = {"n_cases", "n_edits", "fluency", "seconds_per_edit", "peak_memory_mb", "memory_overhead_mb"}
+
+
+def header(key: str) -> str:
+    if key in HEADERS:
+        return HEADERS[key]
+    if key.startswith("portability_exact_match/"):
+        return "port exact " + key.split("/", 1)[1]
+    if key.startswith("portability/"):
+        return "port " + key.split("/", 1)[1]
+    if key.startswith("locality_unchanged/"):
+        return "loc same " + key.split("/", 1)[1]
+    return key
+
+
+def fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    if key in ("n_cases", "n_edits"):
+        return str(int(value))
+    if key in ("peak_memory_mb", "memory_overhead_mb"):
+        return f"{value:.0f}"
+    if key == "seconds_per_edit":
+        return f"{value:.2f}"
+    if key == "fluency":
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}"
+
+
+def columns(summary: Summary, wanted: Sequence[str] | None = None) -> list[str]:
+    """The columns some row has, in a fixed order (per-kind breakdowns after their totals)."""
+    present = {k for row in summary.rows.values() for k in row}
+    if wanted is not None:
+        chosen = [k for k in wanted if k in present]
+        kinds = sorted(k for k in present if k.startswith("portability/"))
+        if "portability" in chosen and len(kinds) > 1:
+            at = chosen.index("portability") + 1
+            chosen[at:at] = kinds
+        return chosen
+    ordered = [k for k in ORDER if k in present]
+    extra = sorted(present - set(ordered))
+    for total in ("locality_unchanged", "portability", "portability_exact_match"):
+        if total in ordered:
+            at = ordered.index(total) + 1
+            mine = [k for k in extra if k.startswith(total + "/")]
+            ordered[at:at] = mine
+            extra = [k for k in extra if k not in mine]
+    return ordered + extra
+
+
+def markdown_table(summary: Summary) -> str:
+    """All columns, one row per method (the unedited baseline first), with a legend."""
+    keys = columns(summary)
+    lines = [
+        f"Protocol: {summary.protocol}, {summary.n_cases} cases. Rates and margins in %, "
+        "fluency in bits, time in s per edit, memory in MiB (peak while editing).",
+        "",
+        "| method | " + " | ".join(header(k) for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, row in summary.rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(k, row.get(k)) for k in keys) + " |")
+    if summary.retention:
+        lines += ["", "Retention (all earlier edits re-measured after k edits):", ""]
+        for name, curve in summary.retention.items():
+            keys_r = [
+                k
+                for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
+                if any(k in p for p in curve)
+            ]
+            lines += [
+                f"**{name}**",
+                "",
+                "| edits | " + " | ".join(header(k) for k in keys_r) + " |",
+                "|---:|" + "---:|" * len(keys_r),
+            ]
+            for point in curve:
+                cells = " | ".join(fmt(k, point.get(k)) for k in keys_r)
+                lines.append(f"| {point['edits']} | {cells} |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def console_table(summary: Summary, title: str | None = None) -> Table:
+    """The main columns for a terminal (the full set is in table.md and summary.json)."""
+    keys = columns(summary, TERMINAL)
+    table = Table(
+        title=title
+        or f"{summary.protocol} protocol, {summary.n_cases} cases (rates in %, fluency in bits)"
+    )
+    table.add_column("method")
+    for key in keys:
+        table.add_column(header(key), justify="right")
+    for name, row in summary.rows.items():
+        table.add_row(
+            name, *(fmt(k, row.get(k)) for k in keys), style="dim" if name == "unedited" else None
+        )
+    return table
