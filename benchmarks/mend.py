@@ -12,7 +12,8 @@ Rows (single-edit protocol, each case edited on the pristine model and reverted)
   the calibrated initial step size): what training adds;
 * ``gradient step (same size)`` — the plain gradient of the edit loss, rescaled matrix by matrix to
   the trained editor's ΔW norm: what the learned direction adds;
-* ``rome`` — when the method is registered in this checkout.
+* ``rome`` — when the method is registered in this checkout;
+* any ``--also LABEL=DIR[@SCALE]``: other editors, or the trained one with a smaller step.
 
 Metrics come from :mod:`lmscalpel.evaluation` (ES, PS, NS, fluency, seconds per edit). Writes
 ``benchmarks/results/mend.json`` and ``mend.md``; the evaluation's per-case records stay under
@@ -61,6 +62,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-mend"))
     parser.add_argument("--no-rome", action="store_true", help="leave ROME out")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR[@SCALE]",
+        help="another trained editor (optionally with a step_scale) to add as a row (repeat)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -78,6 +86,14 @@ def main() -> None:
             label="gradient step (same size)",
         ),
     ]
+    also = {}
+    for item in args.also:
+        label, _, folder = item.partition("=")
+        folder, _, scale = folder.partition("@")
+        also[label] = folder
+        read_editor_config(folder)
+        config = {"editor": folder, **({"step_scale": float(scale)} if scale else {})}
+        specs.append(MethodSpec("mend", config, label=label))
     rome = "rome" in ls.available_methods() and not args.no_rome
     if rome:
         specs.append(MethodSpec("rome"))
@@ -107,6 +123,17 @@ def main() -> None:
             "untrained_validation": training.get("untrained_validation"),
             "best_validation": training.get("best_validation"),
             "config": training.get("config"),
+        },
+        "also": {
+            label: {
+                "folder": folder,
+                "edit_weight": meta["training"]["config"]["edit_weight"],
+                "loc_weight": meta["training"]["config"]["loc_weight"],
+                "steps": meta["training"]["steps"],
+                "best_validation": meta["training"]["best_validation"],
+            }
+            for label, folder in also.items()
+            for meta in [read_editor_config(folder)]
         },
         "benchmark_minutes": round(wall / 60, 1),
         "threads": torch.get_num_threads(),

@@ -380,16 +380,12 @@ def train_editor(
         title=f"MEND editor for {lm.name}: trained on {result.n_train} of {len(records)} "
         f"records, {result.n_val} held out"
     )
-    for column in ("editor", "step", "edit success", "paraphrase success", "locality drawdown"):
+    columns = ("editor", "step", "edit success", "paraphrase success", "neighbourhood success")
+    for column in (*columns, "locality drawdown", "score"):
         table.add_column(column)
     for label, row in (("untrained", result.untrained), ("trained (best)", result.best)):
-        table.add_row(
-            label,
-            str(row.get("step", 0)),
-            f"{row['es']:.3f}",
-            f"{row['ps']:.3f}",
-            f"{row['dd']:.3f}",
-        )
+        values = [row[k] for k in ("es", "ps", "ns", "dd", "score")]
+        table.add_row(label, str(row.get("step", 0)), *(f"{v:.3f}" for v in values))
     console.print(table)
     console.print(
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min (stopped: "

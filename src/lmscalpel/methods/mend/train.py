@@ -22,8 +22,10 @@ Before training, the standardisation statistics of (u, δ) are measured on train
 the initial step size η is chosen by a line search on the same objective, so the untrained
 editor is already a sensible gradient step. A held-out validation slice is scored before
 training and every ``val_every`` steps — edit success (ES: every target token is the edited
-model's argmax), paraphrase success (PS) and locality drawdown (DD: the share of locality tokens
-whose argmax changed) — and the best state by ``(ES + PS) / 2 - DD`` is kept; training stops
+model's argmax), paraphrase success (PS), neighbourhood success (NS: the locality prompt still
+prefers its answer to the new target, by first tokens) and locality drawdown (DD: the share of
+locality tokens whose argmax changed) — and the best state by the harmonic mean of ES, PS and NS
+(CounterFact's score) is kept; training stops
 after ``steps``, after ``patience`` validations without improvement, or when ``max_minutes`` of
 wall time are spent.
 """
@@ -48,6 +50,7 @@ from ...hooks import capture, resume_at
 from ...models.loaded import LoadedModel
 from ...requests import EditRequest
 from ...scoring import TeacherForcedBatch, build_batch, hidden_states
+from ...tokens import encode_target
 from .edited import edited_forward
 from .grads import (
     TokenGrads,
@@ -125,10 +128,11 @@ class MetaBatch:
     edit_rows: list[int]
     n_edits: int
     keys: list[tuple[str, str]]  # per pair: (prompt, target)
+    loc_new_token: torch.Tensor  # per locality pair: first token of target_new after its prompt
 
     @classmethod
     def build(cls, lm: LoadedModel, requests: Sequence[EditRequest]) -> MetaBatch:
-        prompts, targets, roles, owners = [], [], [], []
+        prompts, targets, roles, owners, loc_new = [], [], [], [], []
 
         def add(prompt: str, target: str, role: int, edit: int) -> None:
             prompts.append(prompt)
@@ -142,6 +146,7 @@ class MetaBatch:
                 add(paraphrase, request.target_new, PARAPHRASE, e)
             for probe in request.locality[:1]:
                 add(probe.prompt, probe.answer, LOCALITY, e)
+                loc_new.append(encode_target(lm, probe.prompt, request.target_new)[0])
         batch = build_batch(lm, prompts, targets, share_prefixes=False)
         owner = torch.zeros(batch.input_ids.shape[0], dtype=torch.long)
         edit_rows = [0] * len(requests)
@@ -150,7 +155,15 @@ class MetaBatch:
             if roles[pair] == EDIT:
                 edit_rows[owners[pair]] = row
         keys = list(zip(prompts, targets))
-        return cls(batch, torch.tensor(roles), owner, edit_rows, len(requests), keys)
+        return cls(
+            batch,
+            torch.tensor(roles),
+            owner,
+            edit_rows,
+            len(requests),
+            keys,
+            torch.tensor(loc_new, dtype=torch.long),
+        )
 
     def token_role(self) -> torch.Tensor:
         return self.role.to(self.batch.pair_index.device)[self.batch.pair_index]
@@ -289,6 +302,7 @@ def meta_loss(
     loc_ref = ref.locality_logprobs
     kl_tokens = (loc_ref.exp() * (loc_ref - logprobs[is_loc])).sum(-1)
     changed = (logprobs[is_loc].argmax(-1) != loc_ref.argmax(-1)).float()
+    kept = _neighbour_kept(mb, logprobs[is_loc])
     wants_edit = role != LOCALITY
     edit_loss = nll[wants_edit].mean()
     loc_loss = kl_tokens.mean() if len(kl_tokens) else edit_loss.new_zeros(())
@@ -302,8 +316,26 @@ def meta_loss(
         if (role == PARAPHRASE).any()
         else 0.0,
         "dd": float(changed.mean()) if len(changed) else 0.0,
+        "ns": float(kept.mean()) if len(kept) else 1.0,
     }
     return loss, stats
+
+
+def _neighbour_kept(mb: MetaBatch, locality: torch.Tensor) -> torch.Tensor:
+    """Per locality probe: does the model still prefer the probe's answer to the edit's new
+    target, judged by their first tokens after the probe's prompt (CounterFact's neighbourhood
+    success, to first-token precision)? ``locality``: (N_loc, vocab) log-distributions."""
+    pairs = mb.batch.pair_index[mb.token_role() == LOCALITY]
+    if len(pairs) == 0:
+        return locality.new_zeros(0)
+    first = torch.ones_like(pairs, dtype=torch.bool)
+    first[1:] = pairs[1:] != pairs[:-1]
+    answer = mb.batch.token_ids[mb.token_role() == LOCALITY][first]
+    at_prompt_end = locality[first]
+    new = mb.loc_new_token.to(answer.device)
+    return (
+        at_prompt_end.gather(1, answer[:, None]) >= at_prompt_end.gather(1, new[:, None])
+    ).float()
 
 
 # ---- evaluation on held-out edits -------------------------------------------------------------
@@ -329,8 +361,15 @@ def validate(
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value * len(chunk)
     result = {key: value / len(requests) for key, value in totals.items()}
-    result["score"] = (result["es"] + result["ps"]) / 2 - result["dd"]
+    result["score"] = _harmonic(result["es"], result["ps"], result["ns"])
     return result
+
+
+def _harmonic(*values: float) -> float:
+    """Harmonic mean (0 when any value is 0), as CounterFact's score of ES, PS and NS."""
+    if min(values) <= 0:
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
 
 
 # ---- set-up before training -------------------------------------------------------------------
@@ -478,6 +517,7 @@ def train_mend(
                 loss=f"{running['loss']:.2f}",
                 es=f"{running['es']:.2f}",
                 ps=f"{running['ps']:.2f}",
+                ns=f"{running['ns']:.2f}",
                 drawdown=f"{running['dd']:.3f}",
                 best=f"{best['score']:.3f}",
             )
@@ -525,5 +565,5 @@ def train_mend(
 
 
 def _fmt(stats: dict[str, float]) -> str:
-    keys = ("es", "ps", "dd", "nll", "kl", "score")
+    keys = ("es", "ps", "ns", "dd", "nll", "kl", "score")
     return " ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
