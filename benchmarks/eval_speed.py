@@ -35,7 +35,7 @@ import torch
 
 import lmscalpel as ls
 from lmscalpel.evaluation import EvalOptions, load_cases, measure
-from lmscalpel.evaluation.measure import _match_tokens, _probes
+from lmscalpel.evaluation.measure import match_tokens, probes_of
 from lmscalpel.evaluation.metrics import starts_with_answer
 from lmscalpel.scoring import generate, score_targets
 
@@ -46,22 +46,23 @@ DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
 def naive(lm, case, exact_match: bool) -> dict:
     """One case, one forward pass per (prompt, target), one generate call per prompt."""
     out = []
-    for probe in _probes(case):
+    for probe in probes_of(case):
         entry = {}
         for role in ("wanted", "other"):
-            if probe[role] is not None:
-                (score,) = score_targets(lm, [probe["prompt"]], [probe[role]])
+            target = getattr(probe, role)
+            if target is not None:
+                (score,) = score_targets(lm, [probe.prompt], [target])
                 entry[role] = score.mean_logprob
-        if exact_match and probe["answers"] is not None:
-            tokens = _match_tokens(lm, probe["prompt"], probe["answers"])
-            (text,) = generate(lm, [probe["prompt"]], max_new_tokens=tokens)
-            entry["match"] = starts_with_answer(text, probe["answers"])
+        if exact_match and probe.answers is not None:
+            tokens = match_tokens(lm, probe.prompt, probe.answers)
+            (text,) = generate(lm, [probe.prompt], max_new_tokens=tokens)
+            entry["match"] = starts_with_answer(text, probe.answers)
         out.append(entry)
     return out
 
 
 def batched_logprobs(measurement: dict) -> list[float]:
-    """The log-probabilities of a measurement in :func:`_probes` order."""
+    """The log-probabilities of a measurement in :func:`probes_of` order."""
     values = []
     for role in ("edit", "paraphrase", "locality", "portability"):
         for e in measurement[role]:
@@ -137,7 +138,8 @@ def main() -> None:
         "benchmark": "eval_speed",
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "load_average": os.getloadavg(), "python": platform.python_version(),
+                    "torch": torch.__version__},
         "model": lm.name,
         "data": str(args.data.name),
         "exact_match": args.exact_match,

@@ -31,3 +31,13 @@ def smol():
     from lmscalpel import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny llama saved as a local Hugging Face folder (for the CLI)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)

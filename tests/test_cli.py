@@ -2,23 +2,12 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from lmscalpel.cli import app
-from lmscalpel.testing import tiny_model
 
 runner = CliRunner()
 PROMPT = "The Eiffel Tower is located in the city of"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def run(*args):

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import test_cli
 from lmscalpel import save_requests
 from lmscalpel.cli import app
 from lmscalpel.evaluation import EvalOptions, EvaluationError, evaluate, load_cases
@@ -111,7 +110,6 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------
 runner = CliRunner()
-model_dir = test_cli.model_dir  # the fixture: a tiny model saved as a Hugging Face folder
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +138,18 @@ def test_cli_eval_prints_the_baseline_and_writes_every_output(model_dir, data_fi
 
 def test_cli_compare_and_sequential(model_dir, data_file, tmp_path):
     out = tmp_path / "cmp"
+    config = tmp_path / "methods.yaml"
+    config.write_text("ft-l: {steps: 4, lr: 0.05}\nft-m: {steps: 5}\n")
     result = runner.invoke(app, ["compare", "--methods", "ft-l,ft-m", "--data", data_file,
                                  "--model", model_dir, "--out", str(out), "--protocol",
-                                 "sequential", "--checkpoints", "1,2", "--set", "ft-m.steps=3",
-                                 *FAST_FLAGS])  # fmt: skip
+                                 "sequential", "--checkpoints", "1,2", "--config", str(config),
+                                 "--set", "ft-m.steps=3", "--set", "lr=0.02", *FAST_FLAGS])  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["rows"]) == ["unedited", "ft-l", "ft-m"]
-    assert summary["info"]["methods"]["ft-m"]["config"]["steps"] == 3
-    assert summary["info"]["methods"]["ft-l"]["config"]["steps"] != 3
+    ft_l, ft_m = (summary["info"]["methods"][m]["config"] for m in ("ft-l", "ft-m"))
+    assert (ft_l["steps"], ft_m["steps"]) == (4, 3)  # YAML section, then --set method.key
+    assert ft_l["lr"] == ft_m["lr"] == 0.02  # --set key: every method that has it
     assert (out / "retention.png").is_file()
 
 

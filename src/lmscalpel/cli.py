@@ -603,6 +603,44 @@ app.command(
 
 @app.command()
 @friendly
+def stats(
+    layer: Annotated[
+        int | None, typer.Option(help="Layer whose MLP keys to measure (default: ROME's layer).")
+    ] = None,
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="'model' (text the model samples itself), a .txt/.jsonl/.json file or a folder."
+        ),
+    ] = "model",
+    samples: Annotated[int | None, typer.Option(help="Tokens to accumulate.")] = None,
+    model: ModelOption = None,
+) -> None:
+    """Compute (once; cached) the key statistics C = E[k kᵀ] that ROME uses for one layer."""
+    import time
+
+    from .config import ConfigError
+    from .methods.rome import ROMEConfig
+    from .stats import key_statistics
+
+    lm = _load(model)
+    config = ROMEConfig.for_model(lm.model_type)
+    layer = config.edit_layer(lm.adapter.num_layers) if layer is None else layer
+    if not 0 <= layer < lm.adapter.num_layers:
+        raise ConfigError(
+            f"layer {layer} out of range: this model has layers 0..{lm.adapter.num_layers - 1}"
+        )
+    start = time.perf_counter()
+    result = key_statistics(lm, layer, corpus, samples or config.stats_samples)
+    console.print(
+        f"layer {layer}: C = E[k kᵀ] ({result.moment.shape[0]}×{result.moment.shape[1]}) over "
+        f"{result.count} tokens of {result.corpus} in {time.perf_counter() - start:.1f} s\n"
+        f"cached at {result.path}"
+    )
+
+
+@app.command()
+@friendly
 def demo(
     model: ModelOption = None,
     method: Annotated[

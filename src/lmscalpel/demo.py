@@ -7,7 +7,7 @@ import time
 from rich.console import Console
 
 from .editing import edit
-from .methods import available_methods
+from .methods import available_methods, get_editor
 from .models import load_model
 from .models.fingerprint import tensor_digest
 from .report import before_after_table, probe, probes_for
@@ -38,6 +38,14 @@ def run_demo(console: Console, model: str | None = None, method: str | None = No
     console.print(f"loaded {lm.name} in {time.perf_counter() - start:.1f} s: {lm}")
     probes = probes_for(DEMO_REQUEST)
     before = probe(lm, probes)
+    editor = get_editor(method)
+    start = time.perf_counter()
+    editor.prepare(lm, editor.config_for(lm))  # statistics etc.: once per model, then cached
+    if time.perf_counter() - start > 1:
+        console.print(
+            f"prepared {method} for this model in {time.perf_counter() - start:.0f} s "
+            "(cached: later runs skip this)"
+        )
     start = time.perf_counter()
     with console.status(f"editing with {method}..."):
         patch = edit(lm, DEMO_REQUEST, method=method)

@@ -165,6 +165,20 @@ def build_batch(
     )
 
 
+def right_padded(
+    lm: LoadedModel, rows: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as right-padded ``input_ids`` and ``attention_mask`` (B, max length) on the
+    model's device."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id(lm), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids.to(lm.device), mask.to(lm.device)
+
+
 def hidden_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Final (normalised) hidden states of the transformer body, without the LM head."""
     out = lm.adapter.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -241,17 +255,10 @@ def next_token_logprobs(
 ) -> torch.Tensor:
     """Log-distribution (len(prompts), vocab) of the token after each prompt."""
     out = []
-    pad = pad_token_id(lm)
     with torch.no_grad():
         for chunk in _chunks(len(prompts), batch_size):
             seqs = [encode_prompt(lm, prompts[i]) for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, seq in enumerate(seqs):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            hidden = hidden_states(lm, ids.to(lm.device), mask.to(lm.device))
+            hidden = hidden_states(lm, *right_padded(lm, seqs))
             last = torch.tensor([len(s) - 1 for s in seqs], device=lm.device)
             logits = lm.adapter.logits(hidden[torch.arange(len(seqs)), last]).float()
             out.append(torch.log_softmax(logits, dim=-1).cpu())
@@ -276,18 +283,29 @@ def generate(
     *,
     max_new_tokens: int = 20,
     batch_size: int = 8,
+    sample: bool = False,
+    top_k: int = 50,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy continuations of each prompt (the new text only, special tokens removed)."""
+    """Continuations of each prompt (the new text only, special tokens removed).
+
+    Greedy by default; with ``sample`` drawn from the top ``top_k`` tokens at temperature 1,
+    reproducibly for a given ``seed`` (the global random state is left as it was).
+    """
     tok = lm.tokenizer
     pad = pad_token_id(lm)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=sample,
+        top_k=top_k if sample else None,
+        temperature=1.0 if sample else None,
+        top_p=None,
         pad_token_id=pad,
         eos_token_id=tok.eos_token_id,
     )
     texts: list[str] = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         for chunk in _chunks(len(prompts), batch_size):
             seqs = [encode_prompt(lm, prompts[i]) for i in chunk]
             width = max(len(s) for s in seqs)

@@ -51,10 +51,12 @@ def encode_target(lm: LoadedModel, prompt: str, target: str) -> list[int]:
     return ids
 
 
-def subject_token_positions(lm: LoadedModel, prompt: str, subject: str) -> list[int]:
+def subject_token_positions(
+    lm: LoadedModel, prompt: str, subject: str, search_from: int = 0
+) -> list[int]:
     """Indices, in :func:`encode_prompt` ``(prompt)``, of the tokens that overlap the first
-    occurrence of ``subject`` in ``prompt``."""
-    start = prompt.find(subject)
+    occurrence of ``subject`` in ``prompt`` at or after character ``search_from``."""
+    start = prompt.find(subject, search_from)
     if start < 0 or not subject:
         raise SubjectNotFoundError(f"subject {subject!r} not found in prompt {prompt!r}")
     text = format_prompt(lm, prompt)

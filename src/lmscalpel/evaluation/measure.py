@@ -22,10 +22,11 @@ argmax *is* the greedy continuation, and one whose first token cannot begin it i
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..models.loaded import LoadedModel
-from ..scoring import generate, score_targets
+from ..scoring import TargetScore, generate, score_targets
 from ..tokens import encode_target
 from . import metrics
 from .cases import EvalCase
@@ -34,72 +35,53 @@ from .options import EvalOptions
 MAX_MATCH_TOKENS = 32
 
 
-def _probes(case: EvalCase) -> list[dict[str, Any]]:
-    """Every probe of a case as (role, prompt, wanted target, other target, answers for match)."""
+@dataclass(frozen=True)
+class Probe:
+    """One prompt to measure: its role, the target it should get (``wanted``), the one it is
+    compared against (``other``, may be ``None``), the answers exact match accepts (``None``: not
+    judged by generation) and its locality / portability kind."""
+
+    role: str  # "edit", "paraphrase", "locality", "portability"
+    prompt: str
+    wanted: str
+    other: str | None
+    answers: tuple[str, ...] | None = None
+    kind: str | None = None
+
+
+def probes_of(case: EvalCase) -> list[Probe]:
+    """Every probe of a case, request by request: edit prompt, paraphrases, locality, portability."""
     probes = []
     for r in case.requests:
-        for role, prompts in (("edit", (r.prompt,)), ("paraphrase", r.paraphrases)):
-            for prompt in prompts:
-                probes.append(
-                    dict(
-                        role=role,
-                        prompt=prompt,
-                        wanted=r.target_new,
-                        other=r.target_true,
-                        answers=case.aliases(r.target_new),
-                        kind=None,
-                    )
-                )
-        for p in r.locality:
-            probes.append(
-                dict(
-                    role="locality",
-                    prompt=p.prompt,
-                    wanted=p.answer,
-                    other=r.target_new,
-                    answers=None,
-                    kind=p.kind,
-                )
+        new = case.aliases(r.target_new)
+        probes.append(Probe("edit", r.prompt, r.target_new, r.target_true, new))
+        probes += [Probe("paraphrase", p, r.target_new, r.target_true, new) for p in r.paraphrases]
+        probes += [Probe("locality", p.prompt, p.answer, r.target_new, None, p.kind)
+                   for p in r.locality]  # fmt: skip
+        probes += [
+            Probe(
+                "portability", p.prompt, p.answer, p.answer_before, case.aliases(p.answer), p.kind
             )
-        for p in r.portability:
-            probes.append(
-                dict(
-                    role="portability",
-                    prompt=p.prompt,
-                    wanted=p.answer,
-                    other=p.answer_before,
-                    answers=case.aliases(p.answer),
-                    kind=p.kind,
-                )
-            )
+            for p in r.portability
+        ]
     return probes
 
 
-def _entry(probe: dict[str, Any], wanted, other) -> dict[str, Any]:
-    role = probe["role"]
+def _entry(probe: Probe, wanted: TargetScore, other: TargetScore | None) -> dict[str, Any]:
     lp_other = None if other is None else other.mean_logprob
-    if role in ("edit", "paraphrase"):
-        entry = {"prompt": probe["prompt"], "new": wanted.mean_logprob, "true": lp_other}
-    elif role == "locality":
-        entry = {
-            "prompt": probe["prompt"],
-            "kind": probe["kind"],
-            "answer": wanted.mean_logprob,
-            "new": lp_other,
-            "top1": list(wanted.argmax_ids),
-        }
+    if probe.role in ("edit", "paraphrase"):
+        entry = {"prompt": probe.prompt, "new": wanted.mean_logprob, "true": lp_other}
+    elif probe.role == "locality":
+        entry = {"prompt": probe.prompt, "kind": probe.kind, "answer": wanted.mean_logprob,
+                 "new": lp_other, "top1": list(wanted.argmax_ids)}  # fmt: skip
     else:
-        entry = {
-            "prompt": probe["prompt"],
-            "kind": probe["kind"],
-            "answer": wanted.mean_logprob,
-            "before": lp_other,
-        }
+        entry = {"prompt": probe.prompt, "kind": probe.kind, "answer": wanted.mean_logprob,
+                 "before": lp_other}  # fmt: skip
     entry["acc"] = wanted.token_accuracy
     return entry
 
 
-def _match_tokens(lm: LoadedModel, prompt: str, answers: Sequence[str]) -> int:
+def match_tokens(lm: LoadedModel, prompt: str, answers: Sequence[str]) -> int:
     """Tokens to generate to judge whether a continuation starts with one of ``answers``."""
     longest = max(len(encode_target(lm, prompt, a)) for a in answers)
     return min(MAX_MATCH_TOKENS, longest + 2)
@@ -141,7 +123,7 @@ def exact_matches(
     needed: dict[str, int] = {}
     for (prompt, answers), done in zip(items, results):
         if done is None:
-            needed[prompt] = max(needed.get(prompt, 0), _match_tokens(lm, prompt, answers))
+            needed[prompt] = max(needed.get(prompt, 0), match_tokens(lm, prompt, answers))
     ordered = sorted(needed, key=lambda p: needed[p])
     texts: dict[str, str] = {}
     for start in range(0, len(ordered), batch_size):
@@ -168,12 +150,12 @@ def measure(
 
     Returns ``{case.key: measurement}`` (see the module docstring).
     """
-    probes = [(case, p) for case in cases for p in _probes(case)]
+    probes = [(case, p) for case in cases for p in probes_of(case)]
     pairs: dict[tuple[str, str], int] = {}
     for _, p in probes:
-        for target in (p["wanted"], p["other"]):
+        for target in (p.wanted, p.other):
             if target is not None:
-                pairs.setdefault((p["prompt"], target), len(pairs))
+                pairs.setdefault((p.prompt, target), len(pairs))
     keys = list(pairs)
     scores = score_targets(
         lm, [k[0] for k in keys], [k[1] for k in keys], batch_size=options.score_batch_size
@@ -183,15 +165,15 @@ def measure(
     }
     matchable = []
     for case, p in probes:
-        wanted = scores[pairs[(p["prompt"], p["wanted"])]]
-        other = None if p["other"] is None else scores[pairs[(p["prompt"], p["other"])]]
+        wanted = scores[pairs[(p.prompt, p.wanted)]]
+        other = None if p.other is None else scores[pairs[(p.prompt, p.other)]]
         entry = _entry(p, wanted, other)
-        results[case.key][p["role"]].append(entry)
-        if p["answers"] is not None:
+        results[case.key][p.role].append(entry)
+        if p.answers is not None:
             entry["match"] = None
             first = lm.tokenizer.decode([wanted.argmax_ids[0]]) if wanted.argmax_ids else ""
-            decided = decide_match(wanted.argmax_hits, first, p["answers"])
-            matchable.append((entry, p["prompt"], p["answers"], decided))
+            decided = decide_match(wanted.argmax_hits, first, p.answers)
+            matchable.append((entry, p.prompt, p.answers, decided))
     if options.exact_match and matchable:
         found = exact_matches(
             lm,

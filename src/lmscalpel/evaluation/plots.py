@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .runner import Summary
 
 RATES = ("ES", "PS", "NS", "score", "edit_acc", "exact_match", "locality_unchanged", "portability")
+MARKERS = ("o", "s", "^", "D", "v")
+LABELS = {"score": "S (h-mean)", "exact_match": "exact match"}
 CURVES = (
     ("ES", "efficacy ES"),
     ("PS", "paraphrase PS"),
@@ -65,20 +67,22 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
         )
         if len(names) * len(rates) <= 40:
             for bar, k in zip(bars, rates):
-                if k in row:
-                    ax.annotate(
-                        f"{100 * row[k]:.0f}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                    )
+                ax.annotate(
+                    f"{100 * row[k]:.0f}" if k in row else "n/a",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7 if len(names) < 3 else 6,
+                    rotation=0 if len(names) < 3 else 90,
+                    color="black" if k in row else "grey",
+                )
     ax.set_xticks(range(len(rates)))
-    ax.set_xticklabels([header(k) for k in rates], rotation=30, ha="right")
-    ax.set_ylim(0, 109)
+    ax.set_xticklabels([LABELS.get(k, header(k)) for k in rates], rotation=30, ha="right")
+    ax.set_ylim(0, 124)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
     ax.set_title(f"{summary.protocol} protocol, {summary.n_cases} cases")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0) if not side else None)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(names), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     for ax, key in zip(axes[1:], side):
         shown = [n for n in names if key in summary.rows[n]]
@@ -119,7 +123,9 @@ def plot_retention(summary: Summary, path: str | Path) -> Path:
             ax.plot(
                 [x for x, _ in points],
                 [scale * y for _, y in points],
-                marker="o",
+                marker=MARKERS[i % len(MARKERS)],
+                markersize=7 - 1.5 * (i % 3),
+                linestyle=("-", "--", ":")[i % 3],
                 label=name,
                 color=colours(i + 1),
             )
@@ -129,6 +135,10 @@ def plot_retention(summary: Summary, path: str | Path) -> Path:
             ax.axhline(scale * base[key], color="grey", linestyle="--", label="unedited")
         if most >= 10:
             ax.set_xscale("log")
+        ticks = sorted({p["edits"] for c in summary.retention.values() for p in c})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(title)
         ax.set_xlabel("edits made")
         ax.set_ylabel("bits" if key == "fluency" else "%")

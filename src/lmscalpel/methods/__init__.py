@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft, mend
+from . import ft, mend, rome
 from .base import (
     Editor,
     available_methods,
@@ -19,4 +19,5 @@ __all__ = [
     "mend",
     "register",
     "resolve_layers",
+    "rome",
 ]

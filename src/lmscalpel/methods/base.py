@@ -48,6 +48,11 @@ class Editor(ABC):
             )
         return config
 
+    def prepare(self, lm: LoadedModel, config: MethodConfig) -> None:
+        """Do the one-time, cached work a method needs for ``lm`` (statistics, generated
+        prefixes...) so that later edits are fast. Optional: :meth:`compute` does it when needed."""
+        return None
+
     @abstractmethod
     def compute(
         self, lm: LoadedModel, requests: Sequence[EditRequest], config: MethodConfig

@@ -1,0 +1,154 @@
+"""ROME on CounterFact: efficacy, generalisation, locality, fluency, speed and memory.
+
+The first ``--n`` (200) cases of ``../shared/data/counterfact/edit.json``, single protocol (each
+case edited on the pristine embedded SmolLM2-135M, measured, reverted and checked), through
+:mod:`lmscalpel.evaluation`. ROME's one-time work (context prefixes, key statistics) is done
+before the clock starts, so the edit times are those of a model whose statistics are cached.
+
+Targets (issue 4): ES >= 0.97; PS >= 0.70; NS at most 5 points below the unedited model's;
+fluency at most 5 % below the unedited model's; median edit time <= 3 s.
+
+Prints a table and writes JSON (default benchmarks/results/rome.json); the per-case records stay
+in ``--run`` (default runs/rome-benchmark, resumable).
+
+    nice -n 10 .venv/bin/python benchmarks/rome.py
+    nice -n 10 .venv/bin/python benchmarks/rome.py --n 50 --set layer=6 --out /tmp/rome6.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import lmscalpel as ls
+from lmscalpel.evaluation import EvalOptions, evaluate, load_cases
+from lmscalpel.evaluation.store import RunStore
+from lmscalpel.methods import get_editor
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
+LABEL = "rome"
+
+
+def targets(row: dict, base: dict, median_seconds: float) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each target of the issue."""
+    fluency_drop = 1 - row["fluency"] / base["fluency"] if "fluency" in row else None
+    return [
+        ("ES >= 0.97", f"{row['ES']:.3f}", row["ES"] >= 0.97),
+        ("PS >= 0.70", f"{row['PS']:.3f}", row["PS"] >= 0.70),
+        (
+            "NS >= unedited - 0.05",
+            f"{row['NS']:.3f} (unedited {base['NS']:.3f})",
+            row["NS"] >= base["NS"] - 0.05,
+        ),
+        (
+            "fluency >= 95 % of unedited",
+            "not measured"
+            if fluency_drop is None
+            else f"{row['fluency']:.3f} bits (unedited {base['fluency']:.3f}, "
+            f"{100 * fluency_drop:+.1f} % drop)",
+            fluency_drop is not None and fluency_drop <= 0.05,
+        ),
+        ("median s/edit <= 3", f"{median_seconds:.2f} s", median_seconds <= 3.0),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value")
+    parser.add_argument("--fluency-cases", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "rome-benchmark")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rome.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = ls.load_model()
+    overrides = {}
+    for item in args.sets:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    editor = get_editor(LABEL, overrides or None)
+    config = editor.config_for(lm)
+    start = time.perf_counter()
+    editor.prepare(lm, config)  # prefixes and statistics: once per model, cached on disk
+    prepare_seconds = time.perf_counter() - start
+
+    load_before = os.getloadavg()
+    cases = load_cases(args.data, args.n)
+    options = EvalOptions(protocol="single", fluency_cases=args.fluency_cases)
+    started = time.perf_counter()
+    summary = evaluate(lm, cases, LABEL, config, options=options, out=args.run)
+    wall = time.perf_counter() - started
+    records = RunStore(args.run).cases(LABEL).read()
+    seconds = [r["edit_seconds"] for r in records]
+    base, row = summary.rows["unedited"], summary.rows[LABEL]
+    median_seconds = statistics.median(seconds)
+    checks = targets(row, base, median_seconds)
+
+    columns = ["ES", "PS", "NS", "score", "fluency", "exact_match", "locality_unchanged"]
+    print(f"ROME on {len(cases)} CounterFact cases ({args.data.name}), single protocol")
+    print(f"{'':12}" + "".join(f"{c:>20}" for c in columns))
+    for name in ("unedited", LABEL):
+        values = summary.rows[name]
+        print(
+            f"{name:12}"
+            + "".join(f"{values[c]:>20.3f}" if c in values else f"{'-':>20}" for c in columns)
+        )
+    print(
+        f"edit seconds: median {median_seconds:.2f}, mean {statistics.mean(seconds):.2f}, "
+        f"p90 {sorted(seconds)[int(0.9 * len(seconds))]:.2f}; peak memory "
+        f"{row.get('peak_memory_mb', float('nan')):.0f} MiB (+{row.get('memory_overhead_mb', 0):.0f}"
+        f" MiB while editing); one-time preparation {prepare_seconds:.1f} s"
+    )
+    for target, measured, met in checks:
+        print(f"  [{'x' if met else ' '}] {target:32} {measured}")
+
+    result = {
+        "benchmark": "rome",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": str(args.data.name),
+        "n_cases": summary.n_cases,
+        "protocol": "single",
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "config": config.to_dict(),
+        "rows": summary.rows,
+        "edit_seconds": {
+            "median": median_seconds,
+            "mean": statistics.mean(seconds),
+            "p90": sorted(seconds)[int(0.9 * len(seconds))],
+            "max": max(seconds),
+        },
+        "prepare_seconds": prepare_seconds,
+        "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in checks],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_at_end": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "wall_seconds": wall,
+        "fluency_cases": args.fluency_cases,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

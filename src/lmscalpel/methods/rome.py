@@ -1,0 +1,244 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations in
+GPT", NeurIPS 2022).
+
+A fact (subject, relation, object) is recalled by the MLP of a middle layer at the subject's last
+token: its output matrix W maps the key k (the MLP's hidden activation there) to a value v that
+later layers turn into the object. ROME rewrites the fact by changing W so that the subject's key
+k* maps to a new value v* that makes the new object likely, and disturbs other keys as little as
+possible on average:
+
+    W' = W + (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)             (the paper's eq. 2, solved)
+
+with C = E[k kᵀ] the second moment of keys over text (identity when statistics are off). Then
+W' k* = v* exactly, and W' k = W k for every key with kᵀC⁻¹k* = 0.
+
+Here: k* and v* come from :mod:`lmscalpel.keys_values` (k* averaged over the prompt behind short
+generated context prefixes, :mod:`lmscalpel.prefixes`; v* = W k* + δ with δ optimised at the
+subject's last token), C from :mod:`lmscalpel.stats`, and the patch stores the two rank-one
+factors per request (a batch of requests is applied one after another, as in the paper's code,
+and stored as one rank-r delta). docs/rome.md explains the choices and their measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigError, MethodConfig
+from ..keys_values import ValueOptions, ValueResult, optimise_value
+from ..models.loaded import LoadedModel
+from ..patch import ParameterDelta, Patch, weight_snapshot
+from ..prefixes import context_prefixes
+from ..requests import EditRequest
+from ..stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, KeyStatistics, key_statistics
+from .base import Editor, register, resolve_layers
+
+log = logging.getLogger(__name__)
+
+
+def rank_one_update(
+    weight: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    c_inv_key: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (left (out, 1), right (1, in)) of ROME's update of ``weight`` (out, in).
+
+    ``key`` k* (in,), ``value`` v* (out,), ``c_inv_key`` C⁻¹k* (in,) (``None``: C = I).
+    ``weight + left @ right`` maps k* to v*, and leaves every k with kᵀC⁻¹k* = 0 unchanged.
+    Computed in float64.
+    """
+    key = key.double()
+    direction = key if c_inv_key is None else c_inv_key.double()
+    denominator = direction @ key
+    if not torch.isfinite(denominator) or denominator.abs() < 1e-12:
+        raise ValueError("degenerate key: (C⁻¹k*)ᵀk* is zero or not finite")
+    residual = value.double() - weight.double() @ key
+    return residual[:, None], (direction / denominator)[None, :]
+
+
+@dataclass
+class RankOneEdit:
+    """One request's update of the (out, in) matrix of ``layer``: ``left @ right`` (out, in) maps
+    ``key`` k* (in,) to ``value`` v* (out,); ``solution`` is how v* was found."""
+
+    layer: int
+    key: torch.Tensor
+    value: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    solution: ValueResult
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.solution.steps,
+            "nll": [round(x, 4) for x in self.solution.nll],
+            "delta_norm": round(float(self.solution.delta.norm()), 4),
+            "value_norm": round(self.solution.value_norm, 4),
+        }
+
+
+def rank_one_edit(
+    lm: LoadedModel,
+    layer: int,
+    request: EditRequest,
+    prefixes: Sequence[str],
+    stats: KeyStatistics | None,
+    options: ValueOptions,
+    *,
+    exact: bool = True,
+) -> RankOneEdit:
+    """ROME's update of layer ``layer`` for one request, on the model as it is now (unchanged).
+
+    k* is the subject's key averaged over ``prefixes``; v* = W k* + δ with δ from
+    :func:`~lmscalpel.keys_values.optimise_value`; C from ``stats`` (``None``: identity). With
+    ``exact``, δ is optimised as the update will really apply it at each position (scaled by
+    (C⁻¹k*)ᵀk / (C⁻¹k*)ᵀk*); without, at the anchor only, as in the paper.
+    """
+    solver = (lambda k: k) if stats is None else stats.solve
+    solution = optimise_value(
+        lm, layer, request, prefixes, options, key_solver=solver if exact else None
+    )
+    weight = lm.adapter.mlp_out_weight(layer)
+    key = solution.key.double()
+    value = weight.double() @ key + solution.delta.double()
+    c_inv_key = None if stats is None else stats.solve(key).to(weight.device)
+    left, right = rank_one_update(weight, key, value, c_inv_key)
+    log.debug("rome %r: %d steps, nll %s", request.subject, solution.steps, solution.nll)
+    return RankOneEdit(layer, key, value, left, right, solution)
+
+
+@dataclass
+class ROMEConfig(MethodConfig):
+    """ROME's hyperparameters.
+
+    ``layer``: the MLP to edit (negative counts from the top); ``None`` uses ``default_depth``, a
+    fraction of the depth (per family below; for unknown families the causal-tracing peak of
+    mid-sized models). ``statistics``: use C = E[k kᵀ] (``False``: C = I); ``stats_corpus``:
+    ``"model"`` (text sampled from the model itself) or a path (see :mod:`lmscalpel.stats`);
+    ``stats_samples``: tokens in the estimate. ``prefixes`` context prefixes of
+    ``prefix_length`` generated tokens, plus the bare prompt. The remaining fields set the value
+    optimisation (:class:`lmscalpel.keys_values.ValueOptions`); ``exact_injection`` optimises δ as
+    the update will really apply it (see :func:`rank_one_edit`).
+    """
+
+    layer: int | None = None
+    default_depth: float = 0.2
+    statistics: bool = True
+    stats_corpus: str = DEFAULT_CORPUS
+    stats_samples: int = DEFAULT_SAMPLES
+    prefixes: int = 3
+    prefix_length: int = 5
+    lr: float = 0.5
+    max_steps: int = 20
+    stop_nll: float = 0.5
+    kl_factor: float = 0.0625
+    kl_prompt: str = "{} is a"
+    weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    exact_injection: bool = True
+    fast: bool = True
+
+    # Edit depths from the paper and its successors: GPT-2 XL layer 17 of 48, GPT-J 5 of 28,
+    # GPT-NeoX-20B 15 of 44, Llama/Mistral/Qwen-7B 5 of 32 (EasyEdit's tuned settings).
+    family_defaults: ClassVar[dict[str, dict]] = {
+        "gpt2": {"default_depth": 0.36},
+        "gptj": {"default_depth": 0.19},
+        "gpt_neox": {"default_depth": 0.34},
+        "llama": {"default_depth": 0.276},  # layer 8 of SmolLM2's 30: see docs/rome.md
+        "mistral": {"default_depth": 0.16},
+        "qwen2": {"default_depth": 0.16},
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.default_depth <= 1.0:
+            raise ConfigError(
+                f"ROMEConfig.default_depth must be in [0, 1], got {self.default_depth}"
+            )
+        for name in ("stats_samples", "prefix_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ROMEConfig.{name} must be at least 1")
+        for name in ("prefixes", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ROMEConfig.{name} must be >= 0")
+        if "{}" not in self.kl_prompt:
+            raise ConfigError("ROMEConfig.kl_prompt needs a {} placeholder for the subject")
+
+    def value_options(self) -> ValueOptions:
+        """The fields shared with :class:`~lmscalpel.keys_values.ValueOptions`, as one."""
+        return ValueOptions(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ValueOptions)}
+        )
+
+    def edit_layer(self, num_layers: int) -> int:
+        layers = None if self.layer is None else [self.layer]
+        return resolve_layers(layers, [self.default_depth], num_layers)[0]
+
+
+@register
+class ROME(Editor):
+    """ROME: a closed-form rank-one update of one MLP output matrix (see the module docstring)."""
+
+    name: ClassVar[str] = "rome"
+    config_class: ClassVar[type[MethodConfig]] = ROMEConfig
+    citation: ClassVar[str] = (
+        "Meng, Bau, Andonian and Belinkov 2022, Locating and Editing Factual Associations in GPT"
+    )
+
+    def prepare(self, lm: LoadedModel, config: ROMEConfig) -> None:
+        """Generate the context prefixes and compute the key statistics (both cached)."""
+        self._resources(lm, config)
+
+    @staticmethod
+    def _resources(
+        lm: LoadedModel, config: ROMEConfig
+    ) -> tuple[int, list[str], KeyStatistics | None]:
+        layer = config.edit_layer(lm.adapter.num_layers)
+        prefixes = context_prefixes(lm, config.prefixes, config.prefix_length)
+        stats = (
+            key_statistics(lm, layer, config.stats_corpus, config.stats_samples)
+            if config.statistics
+            else None
+        )
+        return layer, prefixes, stats
+
+    def compute(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], config: ROMEConfig
+    ) -> Patch:
+        adapter = lm.adapter
+        layer, prefixes, stats = self._resources(lm, config)
+        name = adapter.mlp_out_weight_name(layer)
+        options = config.value_options()
+        lefts, rights, records = [], [], []
+        with weight_snapshot(lm, [name]):
+            for request in requests:
+                start = time.perf_counter()
+                change = rank_one_edit(
+                    lm, layer, request, prefixes, stats, options, exact=config.exact_injection
+                )
+                with torch.no_grad():  # later requests see earlier edits, as in the paper
+                    weight = adapter.mlp_out_weight(layer)
+                    weight.add_((change.left @ change.right).to(weight.dtype))
+                lefts.append(change.left)
+                rights.append(change.right)
+                records.append(
+                    {**change.summary(), "seconds": round(time.perf_counter() - start, 3)}
+                )
+        left, right = adapter.low_rank_to_storage(
+            name, torch.cat(lefts, dim=1).float(), torch.cat(rights, dim=0).float()
+        )
+        return Patch.from_deltas(
+            lm,
+            self.name,
+            requests,
+            [ParameterDelta.from_low_rank(name, left, right)],
+            hyperparameters={**config.to_dict(), "layer": layer},
+            info={"layer": layer, "prefixes": prefixes, "requests": records},
+        )

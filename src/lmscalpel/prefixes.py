@@ -1,0 +1,71 @@
+"""Short context prefixes written by the model itself, generated once per model and cached.
+
+ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", §3.1) computes the
+key k* and optimises the value v* not only on the bare prompt but behind a few short texts the
+model generated, so that the edit holds whatever precedes the subject. MEMIT and AlphaEdit reuse
+the same prefixes. Each prefix is a sampled continuation of a common opening word ("The",
+"Therefore", ...), cleaned to one line and ended with ". ", ready to put before a prompt.
+
+The prefixes depend only on the model and the three numbers below, so they are computed once and
+kept under ``$LMSCALPEL_HOME/prefixes/<fingerprint>.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from .models.loaded import LoadedModel
+from .models.loading import lmscalpel_home
+from .scoring import generate
+
+log = logging.getLogger(__name__)
+
+OPENINGS = ("The", "Therefore", "Because", "I", "You")
+
+_MEMORY: dict[tuple[str, int, int, int], list[str]] = {}
+
+
+def _cache_file(lm: LoadedModel) -> Path:
+    return lmscalpel_home() / "prefixes" / f"{lm.fingerprint}.json"
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.replace("{", " ").replace("}", " ").split())
+    return text.rstrip(" .") + ". "
+
+
+def context_prefixes(lm: LoadedModel, count: int = 5, length: int = 5, seed: int = 0) -> list[str]:
+    """``[""]`` followed by ``count`` prefixes of about ``length`` generated tokens each.
+
+    ``prefix + prompt`` is the prompt in that context. Sampled (top-5, like the paper's code) with
+    ``seed``, so the same model always gets the same prefixes; cached in memory and on disk.
+    """
+    if count < 0 or length < 1:
+        raise ValueError(f"need count >= 0 and length >= 1, got count={count}, length={length}")
+    key = (lm.fingerprint, count, length, seed)
+    if key in _MEMORY:
+        return list(_MEMORY[key])
+    path = _cache_file(lm)
+    entry = f"{count}x{length}-seed{seed}"
+    stored: dict[str, list[str]] = {}
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable prefix cache %s", path)
+    if entry not in stored:
+        starts = [OPENINGS[i % len(OPENINGS)] for i in range(count)]
+        raw = dataclasses.replace(lm, chat=False, context_patches=[])  # plain text, no template
+        texts = generate(raw, starts, max_new_tokens=length, sample=True, top_k=5, seed=seed)
+        stored[entry] = [_clean(s + t) for s, t in zip(starts, texts)]
+        log.info("generated %d context prefixes for %s (cached in %s)", count, lm.name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(stored, indent=1, ensure_ascii=False))
+        tmp.replace(path)
+    _MEMORY[key] = ["", *stored[entry]]
+    return list(_MEMORY[key])

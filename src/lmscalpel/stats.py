@@ -1,0 +1,342 @@
+"""Second-moment statistics of MLP keys, C = E[k kᵀ], accumulated in a stream and cached.
+
+ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", eq. 2) writes a new
+fact with the rank-one update that disturbs other keys least *on average*, which takes the
+uncentered covariance C of the keys k — the inputs of the edited MLP output matrix — over text the
+model reads. MEMIT and AlphaEdit need the same matrix. Here it is computed once per (model, layer,
+corpus, sample count), with only the layers up to the edited one running, and cached as
+safetensors under ``$LMSCALPEL_HOME/stats/<fingerprint>/``.
+
+Corpora (:func:`resolve_corpus`):
+
+* ``"model"`` (the default, no network, no files): text sampled from the model itself, generated
+  once per model and cached. docs/rome.md shows the measurement behind this default.
+* a ``.txt`` file (blank lines separate documents), a ``.jsonl`` file (one object per line with a
+  ``"text"`` field — what ``datasets.Dataset.to_json`` writes, so a Hugging Face dataset on disk
+  is one line away), a ``.json`` list of strings or such objects, or a folder of these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from .config import ConfigError
+from .hooks import capture
+from .models.loaded import LoadedModel
+from .models.loading import lmscalpel_home
+from .scoring import pad_token_id, right_padded
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "model"
+DEFAULT_SAMPLES = 20_000
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+# ---- the accumulator (pure) ------------------------------------------------------------------
+class SecondMoment:
+    """Streaming E[k kᵀ] in float64: ``add`` batches of keys (n, d), read ``moment()`` (d, d)."""
+
+    def __init__(self, dim: int) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, keys: torch.Tensor) -> None:
+        keys = keys.detach().reshape(-1, self.sum.shape[0]).to("cpu", torch.float64)
+        self.sum.addmm_(keys.T, keys)
+        self.count += keys.shape[0]
+
+    def moment(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no keys were added")
+        return self.sum / self.count
+
+
+# ---- corpora ---------------------------------------------------------------------------------
+class Corpus(Protocol):
+    """Where statistics' text comes from: a stable ``id`` (part of the cache key) and token rows."""
+
+    id: str
+
+    def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
+        """Token id rows of at most ``max_length`` tokens, in a fixed order."""
+        ...
+
+
+def _documents(path: Path) -> Iterator[str]:
+    """The texts in one file (see the module docstring for the formats)."""
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
+        return
+    if path.suffix == ".jsonl":
+        items = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
+    else:
+        items = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: a .json corpus must hold a list of strings or objects")
+    for i, item in enumerate(items):
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}: item {i} has no string 'text' field")
+        if text.strip():
+            yield text
+
+
+@dataclass
+class TextCorpus:
+    """Text files (or folders of them); ``id`` is a digest of their contents."""
+
+    paths: list[Path]
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        files: list[Path] = []
+        for path in self.paths:
+            if path.is_dir():
+                files += sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+            elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+                files.append(path)
+            else:
+                raise ConfigError(
+                    f"corpus {path} is not a {'/'.join(TEXT_SUFFIXES)} file or a folder of them"
+                )
+        if not files:
+            raise ConfigError(f"no {'/'.join(TEXT_SUFFIXES)} files in {self.paths}")
+        self.files = files
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        stem = files[0].stem if len(files) == 1 else files[0].parent.name
+        self.id = (
+            f"{''.join(c if c.isalnum() else '_' for c in stem)[:40]}-{digest.hexdigest()[:12]}"
+        )
+
+    def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
+        for path in self.files:
+            for doc in _documents(path):
+                ids = lm.tokenizer(doc, add_special_tokens=True)["input_ids"]
+                for start in range(0, len(ids), max_length):
+                    if len(ids) - start > 1:
+                        yield ids[start : start + max_length]
+
+
+@dataclass
+class SampledCorpus:
+    """Text the model writes itself: sequences sampled at temperature 1 from its start token.
+
+    Generated in chunks of ``chunk`` sequences (chunk ``i`` with seed ``seed + i``, so a larger
+    request extends a smaller one), cached per model under ``$LMSCALPEL_HOME/corpora``. The start
+    token itself is not part of the rows.
+    """
+
+    seed: int = 0
+    length: int = 128
+    chunk: int = 32
+    top_k: int = 0
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = f"model-s{self.seed}-l{self.length}" + (f"-k{self.top_k}" if self.top_k else "")
+
+    def _chunk(self, lm: LoadedModel, index: int) -> torch.Tensor:
+        path = lmscalpel_home() / "corpora" / lm.fingerprint / f"{self.id}-{index}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["tokens"].long()
+        log.info(
+            "sampling %d x %d tokens of text from %s for statistics (chunk %d, cached in %s)",
+            self.chunk,
+            self.length,
+            lm.name,
+            index,
+            path.parent,
+        )
+        tok = lm.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ConfigError(f"{lm.name}: its tokenizer has no BOS or EOS token to sample from")
+        config = GenerationConfig(
+            max_new_tokens=self.length,
+            min_new_tokens=self.length,
+            do_sample=True,
+            top_k=self.top_k or None,
+            top_p=None,
+            temperature=1.0,
+            pad_token_id=pad_token_id(lm),
+            eos_token_id=None,
+        )
+        ids = torch.full((self.chunk, 1), start, dtype=torch.long, device=lm.device)
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(self.seed + index)
+            out = lm.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+            )
+        tokens = out[:, 1:].to("cpu", torch.int32).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"tokens": tokens}, str(tmp))
+        tmp.replace(path)
+        return tokens.long()
+
+    def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
+        special = set(lm.tokenizer.all_special_ids)
+        index = 0
+        while True:
+            for seq in self._chunk(lm, index).tolist():
+                # A sampled special token (end of text, a chat turn) ends the document.
+                cut = next((i for i, t in enumerate(seq) if t in special), len(seq))
+                for start in range(0, cut, max_length):
+                    if cut - start > 1:
+                        yield seq[start : min(cut, start + max_length)]
+            index += 1
+
+
+def resolve_corpus(spec: str | os.PathLike | Corpus | None) -> Corpus:
+    """A corpus from a spec: ``"model"`` (or ``None``), a path, or a ready :class:`Corpus`."""
+    if spec is None or spec == "model":
+        return SampledCorpus()
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"statistics corpus {str(spec)!r} not found: use 'model' (text sampled from the model "
+            f"itself), a {'/'.join(TEXT_SUFFIXES)} file, or a folder of such files"
+        )
+    return TextCorpus([path])
+
+
+# ---- statistics ------------------------------------------------------------------------------
+@dataclass
+class KeyStatistics:
+    """C = E[k kᵀ] (d, d) of the keys of one layer's MLP output matrix, from ``count`` keys."""
+
+    moment: torch.Tensor
+    count: int
+    layer: int
+    corpus: str
+    path: Path | None = None
+    _cholesky: torch.Tensor | None = field(default=None, repr=False)
+
+    def solve(self, keys: torch.Tensor) -> torch.Tensor:
+        """C⁻¹ k for keys (d,) or (n, d), in float64 (C is factorised once)."""
+        if self._cholesky is None:
+            moment = self.moment.double()
+            factor, info = torch.linalg.cholesky_ex(moment)
+            if info.item() != 0:  # singular C (too few keys): a whisper of ridge makes it definite
+                ridge = 1e-6 * moment.diagonal().mean()
+                factor = torch.linalg.cholesky(moment + ridge * torch.eye(len(moment)))
+                log.warning("statistics of layer %d are singular; added a ridge", self.layer)
+            self._cholesky = factor
+        vectors = keys.double().reshape(-1, self.moment.shape[0]).T
+        solved = torch.cholesky_solve(vectors.to(self._cholesky.device), self._cholesky).T
+        return solved.reshape(keys.shape)
+
+
+_MEMORY: dict[Path, KeyStatistics] = {}
+
+
+def statistics_path(lm: LoadedModel, layer: int, corpus: Corpus, samples: int) -> Path:
+    """Where the statistics of (model, layer, corpus, sample count) are cached."""
+    weight = lm.adapter.mlp_out_weight_name(layer)
+    return (
+        lmscalpel_home() / "stats" / lm.fingerprint / f"{weight}.{corpus.id}.{samples}.safetensors"
+    )
+
+
+def key_statistics(
+    lm: LoadedModel,
+    layer: int,
+    corpus: str | os.PathLike | Corpus | None = DEFAULT_CORPUS,
+    samples: int = DEFAULT_SAMPLES,
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+    progress: bool = True,
+) -> KeyStatistics:
+    """The second moment of layer ``layer``'s MLP keys over ``samples`` tokens of ``corpus``.
+
+    Read from the cache when it is there (a hit costs milliseconds); otherwise streamed in batches
+    with a progress bar — only the layers up to ``layer`` run — and cached.
+    """
+    if samples < 1:
+        raise ConfigError(f"statistics need at least one sample, got {samples}")
+    source = resolve_corpus(corpus)
+    path = statistics_path(lm, layer, source, samples)
+    if path in _MEMORY:
+        return _MEMORY[path]
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            count = int((handle.metadata() or {}).get("count", samples))
+            stats = KeyStatistics(handle.get_tensor("moment"), count, layer, source.id, path)
+        log.debug("statistics cache hit: %s", path)
+        _MEMORY[path] = stats
+        return stats
+    log.info("computing key statistics of layer %d over %d tokens of %s", layer, samples, source.id)
+    accumulator = _accumulate(lm, layer, source, samples, batch_size, max_length, progress)
+    if accumulator.count < samples:
+        log.warning(
+            "corpus %s holds only %d tokens (asked for %d)", source.id, accumulator.count, samples
+        )
+    moment = accumulator.moment().float().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    metadata = {
+        "count": str(accumulator.count),
+        "layer": str(layer),
+        "corpus": source.id,
+        "model": lm.name,
+        "fingerprint": lm.fingerprint,
+        "max_length": str(max_length),
+    }
+    save_file({"moment": moment}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    stats = KeyStatistics(moment, accumulator.count, layer, source.id, path)
+    _MEMORY[path] = stats
+    return stats
+
+
+def _accumulate(
+    lm: LoadedModel,
+    layer: int,
+    corpus: Corpus,
+    samples: int,
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+) -> SecondMoment:
+    name = lm.adapter.mlp_out_name(layer)
+    accumulator = SecondMoment(lm.adapter.mlp_key_size(layer))
+    rows = corpus.rows(lm, max_length)
+    with tqdm(
+        total=samples, unit="tok", desc=f"key statistics, layer {layer}", disable=not progress
+    ) as bar:
+        while accumulator.count < samples:
+            batch = [row for _, row in zip(range(batch_size), rows)]
+            if not batch:
+                break
+            ids, mask = right_padded(lm, batch)
+            with (
+                torch.no_grad(),
+                capture(lm.model, name, inputs=True, outputs=False, stop=True) as seen,
+            ):
+                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            keys = seen[name].input[mask.bool()]
+            keys = keys[: samples - accumulator.count]
+            accumulator.add(keys)
+            bar.update(len(keys))
+    return accumulator

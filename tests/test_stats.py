@@ -1,0 +1,153 @@
+"""Second-moment statistics: the math, the corpora, the cache and its key."""
+
+import json
+
+import pytest
+import torch
+
+from lmscalpel import stats
+from lmscalpel.config import ConfigError
+from lmscalpel.hooks import capture
+from lmscalpel.stats import (
+    SampledCorpus,
+    SecondMoment,
+    TextCorpus,
+    key_statistics,
+    resolve_corpus,
+    statistics_path,
+)
+from lmscalpel.testing import CORPUS
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSCALPEL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(stats, "_MEMORY", {})
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS))
+    return path
+
+
+def test_streaming_moment_equals_the_batch_formula():
+    torch.manual_seed(0)
+    keys = torch.randn(100, 8)
+    acc = SecondMoment(8)
+    for chunk in keys.split(7):
+        acc.add(chunk)
+    assert acc.count == 100
+    assert torch.allclose(acc.moment(), (keys.T @ keys).double() / 100, atol=1e-10)
+
+
+def test_statistics_equal_the_keys_of_every_corpus_token(tiny, corpus_file):
+    layer = 1
+    result = key_statistics(tiny, layer, corpus_file, samples=10_000, progress=False)
+    name = tiny.adapter.mlp_out_name(layer)
+    keys = []
+    for doc in CORPUS:
+        ids = tiny.tokenizer(doc, return_tensors="pt")["input_ids"]
+        with capture(tiny.model, name, inputs=True) as seen:
+            tiny.model(input_ids=ids)
+        keys.append(seen[name].input[0])
+    keys = torch.cat(keys)
+    assert result.count == len(keys)  # the corpus is smaller than asked: all of it is used
+    expected = keys.T.double() @ keys.double() / len(keys)
+    assert torch.allclose(result.moment.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_layers_up_to_the_edited_one_run(tiny, corpus_file):
+    calls = []
+    above = tiny.adapter.layer(2)
+    handle = above.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        key_statistics(tiny, 1, corpus_file, samples=50, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_cache_hit_miss_and_key(tiny, corpus_file, home, monkeypatch):
+    first = key_statistics(tiny, 1, corpus_file, samples=60, progress=False)
+    path = statistics_path(tiny, 1, resolve_corpus(corpus_file), 60)
+    assert first.path == path and path.is_file()
+    assert path.is_relative_to(home / "stats" / tiny.fingerprint)
+    assert tiny.adapter.mlp_out_weight_name(1) in path.name and ".60." in path.name
+    assert first.count == 60
+
+    # a hit (fresh process: empty memory) reads the file and runs no model
+    monkeypatch.setattr(stats, "_MEMORY", {})
+    monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    again = key_statistics(tiny, 1, corpus_file, samples=60, progress=False)
+    assert torch.equal(again.moment, first.moment) and again.count == 60
+    monkeypatch.undo()
+    monkeypatch.setenv("LMSCALPEL_HOME", str(home))
+
+    # every part of the key matters
+    other_samples = key_statistics(tiny, 1, corpus_file, samples=30, progress=False)
+    other_layer = key_statistics(tiny, 2, corpus_file, samples=60, progress=False)
+    assert len({first.path, other_samples.path, other_layer.path}) == 3
+    assert not torch.allclose(other_samples.moment, first.moment)
+    corpus_file.write_text(corpus_file.read_text() + "\n\nA new document.")
+    assert resolve_corpus(corpus_file).id != first.corpus
+
+
+def test_sampled_corpus_is_reproducible_and_extends(tiny, home):
+    corpus = SampledCorpus(length=16, chunk=4)
+    rows = corpus.rows(tiny, max_length=8)
+    first = [next(rows) for _ in range(12)]  # spans more than one chunk
+    assert all(1 < len(r) <= 8 for r in first)
+    assert len(list((home / "corpora" / tiny.fingerprint).iterdir())) >= 2
+    again = corpus.rows(tiny, max_length=8)
+    assert [next(again) for _ in range(12)] == first
+    assert SampledCorpus(seed=1).id != corpus.id
+
+
+def test_default_corpus_is_the_model_itself(tiny):
+    assert isinstance(resolve_corpus(None), SampledCorpus)
+    result = key_statistics(tiny, 0, samples=200, progress=False)
+    assert result.count == 200 and result.corpus.startswith("model")
+    assert torch.linalg.eigvalsh(result.moment.double()).min() > -1e-6  # PSD
+
+
+def test_text_formats(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one doc\n\nanother doc\n")
+    (folder / "b.jsonl").write_text(
+        json.dumps({"text": "from jsonl"}) + "\n" + json.dumps({"text": ""}) + "\n"
+    )
+    (folder / "c.json").write_text(json.dumps(["from json", {"text": "object"}]))
+    (folder / "ignored.csv").write_text("x")
+    corpus = TextCorpus([folder])
+    assert [p.name for p in corpus.files] == ["a.txt", "b.jsonl", "c.json"]
+    docs = [d for p in corpus.files for d in stats._documents(p)]
+    assert docs == ["one doc", "another doc", "from jsonl", "from json", "object"]
+
+
+def test_bad_corpora_are_reported(tmp_path, tiny):
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_corpus(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="'text'"):
+        key_statistics(tiny, 0, bad, samples=10, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no .txt"):
+        TextCorpus([tmp_path / "empty"])
+    with pytest.raises(ConfigError, match="at least one"):
+        key_statistics(tiny, 0, samples=0)
+
+
+def test_solve_inverts_the_moment():
+    torch.manual_seed(0)
+    keys = torch.randn(200, 6)
+    moment = keys.T @ keys / 200
+    result = stats.KeyStatistics(moment, 200, 0, "x")
+    k = torch.randn(6)
+    assert torch.allclose(moment.double() @ result.solve(k), k.double(), atol=1e-6)
+    two = torch.randn(2, 6)
+    assert result.solve(two).shape == (2, 6)
