@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -51,6 +52,27 @@ def untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
     network = build_network(lm, config)
     calibration = calibrate(lm, network, train[: config.calibration_edits], config)
     return save_editor(network, lm, folder, {"untrained_of": str(trained), **calibration})
+
+
+def interleaved_timing(
+    lm: ls.LoadedModel, cases, methods: dict[str, tuple[str, dict]], n: int = 10
+) -> dict[str, dict[str, float]]:
+    """Seconds per edit (wall and CPU) of each method on the same ``n`` cases, the methods
+    alternating case by case so that a busy machine slows them alike."""
+    times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in methods}
+    for case in cases[:n]:
+        for label, (method, config) in methods.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            ls.edit(lm, list(case.requests), method=method, config=config, apply=False)
+            times[label]["wall"].append(time.perf_counter() - wall)
+            times[label]["cpu"].append(time.process_time() - cpu)
+    return {
+        label: {
+            "median_wall_s": statistics.median(t["wall"]),
+            "median_cpu_s": statistics.median(t["cpu"]),
+        }
+        for label, t in times.items()
+    }
 
 
 def main() -> None:
@@ -103,8 +125,17 @@ def main() -> None:
     summary = compare(lm, cases, specs, options=options, out=args.out / "eval")
     wall = time.perf_counter() - started
 
+    timed = {"mend": ("mend", {"editor": str(args.editor)})}
+    if rome:
+        timed["rome"] = ("rome", {})
+    timing = interleaved_timing(lm, cases, timed)
+    if rome:
+        ratio = timing["rome"]["median_wall_s"] / timing["mend"]["median_wall_s"]
+        timing["rome_over_mend_wall"] = round(ratio, 1)
+
     training = trained["training"]
     result = {
+        "interleaved_timing_first_10_cases": timing,
         "model": lm.name,
         "data": args.data,
         "n_cases": summary.n_cases,
@@ -151,6 +182,14 @@ def main() -> None:
         f"stopped: {ed['stopped']}). ROME: {result['rome']}.",
         "",
         summary.markdown(),
+        "",
+        "Seconds per edit, the methods alternating on the first 10 cases (medians): "
+        + ", ".join(
+            f"{label} {t['median_wall_s']:.2f} s wall / {t['median_cpu_s']:.2f} s CPU"
+            for label, t in timing.items()
+            if isinstance(t, dict)
+        )
+        + (f"; ROME / MEND = {timing['rome_over_mend_wall']}x." if rome else "."),
         "",
     ]
     (RESULTS / "mend.md").write_text("\n".join(lines))
