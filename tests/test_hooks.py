@@ -93,3 +93,28 @@ def test_replace_at_positions_writes_one_position_per_chosen_row(tiny):
     out = replace_at_positions(values, [0, 4], rows=[2, 0])(hidden)
     assert out[2, 0].tolist() == [1.0] * 4 and out[0, 4].tolist() == [2.0] * 4
     assert out.sum() == 12 and hidden.sum() == 0  # a new tensor; the input is untouched
+
+
+def test_resume_at_skips_the_lower_blocks_and_gives_the_same_result(any_tiny):
+    from lmscalpel.hooks import resume_at
+    from lmscalpel.scoring import hidden_states
+
+    lm, a = any_tiny, any_tiny.adapter
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 3]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    block = a.layer_name(2)
+    with torch.no_grad():
+        with capture(lm.model, block, inputs=True, outputs=False) as seen:
+            full = hidden_states(lm, ids, mask)
+        calls = []
+        handle = a.layer(0).mlp.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            with resume_at(lm.model, [a.layer_name(0), a.layer_name(1)], block, seen[block].input):
+                resumed = hidden_states(lm, ids, mask)
+        finally:
+            handle.remove()
+        after = hidden_states(lm, ids, mask)
+    assert calls == []  # block 0 did not compute
+    assert torch.equal(full, resumed)
+    assert torch.equal(full, after)  # restored
+    assert "forward" not in a.layer(0).__dict__

@@ -103,13 +103,40 @@ def _parse_sets(values: list[str] | None) -> dict:
     return overrides
 
 
-def _config(method: str, config: Path | None, sets: list[str] | None, model_type: str):
+def _config(
+    method: str,
+    config: Path | None,
+    sets: list[str] | None,
+    model_type: str,
+    editor: Path | None = None,
+):
     from .methods import editor_class
 
     cls = editor_class(method).config_class
     base = cls.from_yaml(config, model_type) if config else cls.for_model(model_type)
     overrides = _parse_sets(sets)
+    if editor is not None:
+        _editor_takers([method], editor)
+        overrides["editor"] = str(editor)
     return base.replace(**overrides) if overrides else base
+
+
+def _editor_takers(methods: list[str], editor: Path) -> list[str]:
+    """The methods that take ``--editor`` (learned editors); none of them is a usage error."""
+    from .methods import editor_class
+
+    takers = [m for m in methods if "editor" in editor_class(m).config_class.field_names()]
+    if not takers:
+        raise typer.BadParameter(
+            f"--editor {editor} is for learned editors (mend); {', '.join(methods)} takes none"
+        )
+    return takers
+
+
+EditorOption = Annotated[
+    Path | None,
+    typer.Option(help="Folder of a trained editor (for learned methods: mend)."),
+]
 
 
 @app.command()
@@ -218,6 +245,7 @@ def edit(
         list[str] | None, typer.Option("--set", help="Override a hyperparameter: key=value.")
     ] = None,
     save: Annotated[Path | None, typer.Option(help="Save the patch to this folder.")] = None,
+    editor: EditorOption = None,
     model: ModelOption = None,
     chat: ChatOption = False,
 ) -> None:
@@ -248,7 +276,7 @@ def edit(
             )
         ]
     lm = _load(model, chat)
-    cfg = _config(method, config, set_, lm.model_type)
+    cfg = _config(method, config, set_, lm.model_type, editor)
     probes = [p for r in reqs for p in probes_for(r)]
     before = probe(lm, probes)
     with console.status(f"editing with {method}..."):
@@ -284,6 +312,88 @@ def apply(
     if export:
         patch.export(lm, export)
         console.print(f"edited model exported to {export} (loads with transformers alone)")
+
+
+@app.command("train-editor")
+@friendly
+def train_editor(
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Edit records, in any layout `eval` reads: CounterFact (e.g. "
+            "../shared/data/counterfact/train.json), zsRE (MEND layout), lmscalpel requests..."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write the trained editor to.")],
+    method: Annotated[str, typer.Option(help="Learned editing method.")] = "mend",
+    steps: Annotated[int | None, typer.Option(help="Training steps (at most).")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Wall-time budget for training (default 25).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of training settings.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a training setting: key=value.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
+    ] = None,
+    model: ModelOption = None,
+) -> None:
+    """Meta-train a learned editor (MEND) for a model and save it for `edit --editor`."""
+    import time
+
+    import torch
+
+    from .evaluation import read_dataset
+    from .methods.mend import MENDTrainConfig, save_editor, train_mend
+
+    if method != "mend":
+        raise typer.BadParameter(f"{method!r} is not a learned editor; use --method mend")
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.monotonic()
+    lm = _load(model)
+    base = (
+        MENDTrainConfig.from_yaml(config, lm.model_type)
+        if config
+        else MENDTrainConfig.for_model(lm.model_type)
+    )
+    overrides = _parse_sets(set_)
+    if steps is not None:
+        overrides["steps"] = steps
+    if max_minutes is not None:
+        overrides["max_minutes"] = max_minutes
+    cfg = base.replace(**overrides) if overrides else base
+    dataset = read_dataset(data)
+    records = [request for case in dataset.cases for request in case.requests]
+    console.print(
+        f"{len(records)} edit records from {data} ({dataset.layout})"
+        + (f", {len(dataset.problems)} malformed record(s) skipped" if dataset.problems else "")
+    )
+    result = train_mend(lm, records, cfg)
+    training = {
+        "data": str(data),
+        "config": cfg.to_dict(),
+        **result.summary(),
+        "command_seconds": round(time.monotonic() - start, 1),
+    }
+    save_editor(result.network, lm, out, training)
+    table = Table(
+        title=f"MEND editor for {lm.name}: trained on {result.n_train} of {len(records)} "
+        f"records, {result.n_val} held out"
+    )
+    columns = ("editor", "step", "edit success", "paraphrase success", "neighbourhood success")
+    for column in (*columns, "locality drawdown", "score"):
+        table.add_column(column)
+    for label, row in (("untrained", result.untrained), ("trained (best)", result.best)):
+        values = [row[k] for k in ("es", "ps", "ns", "dd", "score")]
+        table.add_row(label, str(row.get("step", 0)), *(f"{v:.3f}" for v in values))
+    console.print(table)
+    console.print(
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min (stopped: "
+        f"{result.stopped}); editor saved to {out} — use it with "
+        f"`lmscalpel edit --method mend --editor {out} ...`"
+    )
 
 
 _N = Annotated[int | None, typer.Option("--n", help="Number of cases (default: all).")]
@@ -357,6 +467,7 @@ def evaluate_command(
     fluency_tokens: _FLUENCY_TOKENS = 100,
     exact_match: _EXACT = True,
     overwrite: _OVERWRITE = False,
+    editor: EditorOption = None,
 ) -> None:
     """`eval` and `compare`: load the data, evaluate, print the table and write the results."""
     import time
@@ -390,7 +501,8 @@ def evaluate_command(
             f"(first: {dataset.problems[0]})"
         )
     lm = _load(model, chat)
-    specs = [MethodSpec(m, c) for m, c in _method_configs(methods, config, set_, lm.model_type)]
+    configs = _method_configs(methods, config, set_, lm.model_type, editor)
+    specs = [MethodSpec(m, c) for m, c in configs]
     if out is None:
         tag = f"{'+'.join(methods)}-{data.stem}-{protocol}-n{len(cases)}"
         tag += (f"-from{start}" if start else "") + (f"-seed{seed}" if seed is not None else "")
@@ -427,10 +539,16 @@ def evaluate_command(
     )
 
 
-def _method_configs(methods: list[str], config: Path | None, sets: list[str] | None, model_type):
+def _method_configs(
+    methods: list[str],
+    config: Path | None,
+    sets: list[str] | None,
+    model_type,
+    editor: Path | None = None,
+):
     """One config per method: the family defaults, or a YAML file (for several methods: one
     section per method name), then `--set` overrides (`key=value` for every method that has the
-    key, `method.key=value` for one)."""
+    key, `method.key=value` for one), then `--editor` for the learned editors among them."""
     from .config import ConfigError
     from .methods import editor_class
 
@@ -460,6 +578,9 @@ def _method_configs(methods: list[str], config: Path | None, sets: list[str] | N
             raise ConfigError(f"no method among {methods} has a hyperparameter {key!r}")
         for m in takers:
             per_method[m][key] = value
+    if editor is not None:
+        for m in _editor_takers(methods, editor):
+            per_method[m]["editor"] = str(editor)
     result = []
     for m in methods:
         cls = editor_class(m).config_class

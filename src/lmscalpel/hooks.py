@@ -101,20 +101,33 @@ def edit_output(
 
 @contextmanager
 def edit_outputs(
-    model: nn.Module, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    model: nn.Module,
+    edits: dict[str, Callable[..., torch.Tensor]],
+    *,
+    with_inputs: bool = False,
 ) -> Iterator[None]:
-    """:func:`edit_output` for several modules at once."""
+    """:func:`edit_output` for several modules at once.
+
+    With ``with_inputs`` each function is called as ``fn(output, input)``, ``input`` being the
+    module's first argument: e.g. a linear layer's output plus ``ΔW @ input`` realises a weight
+    change ``ΔW`` without touching the weight.
+    """
     handles = []
 
-    def make_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
-            return replace_first_tensor(output, fn(first_tensor(output)))
+    def make_hook(fn: Callable[..., torch.Tensor]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            hidden = first_tensor(output)
+            if with_inputs:
+                value = args[0] if args else next(iter(kwargs.values()))
+                return replace_first_tensor(output, fn(hidden, first_tensor(value)))
+            return replace_first_tensor(output, fn(hidden))
 
         return hook
 
     try:
         for name, fn in edits.items():
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(fn)))
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(fn), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -166,3 +179,38 @@ def replace_at_positions(
         return out
 
     return fn
+
+
+@contextmanager
+def resume_at(
+    model: nn.Module, skipped: Sequence[str], resume: str, hidden: torch.Tensor
+) -> Iterator[None]:
+    """Run forward passes from block ``resume`` on, feeding it ``hidden`` as its input.
+
+    The blocks named in ``skipped`` (those below ``resume``) pass their input through instead of
+    computing, and ``resume`` receives ``hidden`` (the same batch's hidden state entering it, kept
+    from an earlier pass) as its first argument. When only the upper layers change between passes
+    (an edit of layer ``l`` and above), this saves the cost of everything below. Decoder blocks
+    must take the hidden state as their first argument and return it as a tensor, as all the
+    supported families do.
+    """
+    modules = [model.get_submodule(name) for name in skipped]
+
+    def passthrough(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: hidden}
+
+    handle = model.get_submodule(resume).register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        for module in modules:
+            module.forward = passthrough
+        yield
+    finally:
+        handle.remove()
+        for module in modules:
+            module.__dict__.pop("forward", None)

@@ -1,6 +1,6 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft, ike, lora, rome
+from . import ft, ike, lora, mend, rome
 from .base import (
     Editor,
     available_methods,
@@ -18,6 +18,7 @@ __all__ = [
     "get_editor",
     "ike",
     "lora",
+    "mend",
     "register",
     "resolve_layers",
     "rome",

@@ -1,0 +1,120 @@
+"""Saving and loading trained MEND editors.
+
+A checkpoint is a folder with ``editor.safetensors`` (the network's tensors, never pickle) and
+``editor.json``: the format, the edited matrices and their shapes, the hidden rank, and the base
+model's name and fingerprint, plus a record of the training (data, steps, time, validation). An
+editor only makes sense for the weights it was trained on, so loading it for a model with another
+fingerprint is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from ...config import ConfigError
+from ...models.loaded import LoadedModel
+from .grads import matrix_shape
+from .network import MENDNetwork
+
+FORMAT = "lmscalpel-editor"
+FORMAT_VERSION = 1
+CONFIG_FILE = "editor.json"
+TENSOR_FILE = "editor.safetensors"
+
+
+class EditorCheckpointError(ConfigError):
+    """A saved editor is missing, malformed, or made for another model."""
+
+
+def save_editor(
+    network: MENDNetwork,
+    lm: LoadedModel,
+    folder: str | os.PathLike,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``network`` (trained for ``lm``) to ``folder``, atomically (temp folder + rename)."""
+    from ... import __version__
+
+    folder = Path(folder)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": "mend",
+        "lmscalpel_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_name": lm.name,
+        "model_type": lm.model_type,
+        "model_fingerprint": lm.fingerprint,
+        "rank": network.rank,
+        "parameters": {name: list(shape) for name, shape in network.shapes.items()},
+        "training": training or {},
+    }
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def read_editor_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``editor.json`` of a saved editor, validated."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file() or not (folder / TENSOR_FILE).is_file():
+        raise EditorCheckpointError(
+            f"{folder} is not a trained editor (it needs {CONFIG_FILE} and {TENSOR_FILE}; "
+            "train one with `lmscalpel train-editor --method mend`)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise EditorCheckpointError(f"{path}: invalid JSON: {error}") from None
+    if meta.get("format") != FORMAT or meta.get("method") != "mend":
+        raise EditorCheckpointError(f"{path} is not a MEND editor checkpoint")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise EditorCheckpointError(f"{folder} has a newer editor format; upgrade lmscalpel")
+    return meta
+
+
+def load_editor(folder: str | os.PathLike, lm: LoadedModel | None = None) -> MENDNetwork:
+    """Load a saved editor; with ``lm``, refuse it unless it was trained for ``lm``'s weights."""
+    meta = read_editor_config(folder)
+    shapes = {name: tuple(shape) for name, shape in meta["parameters"].items()}
+    if lm is not None:
+        if meta["model_fingerprint"] != lm.fingerprint:
+            raise EditorCheckpointError(
+                f"the editor in {folder} was trained for model {meta['model_name']!r} "
+                f"(fingerprint {meta['model_fingerprint']}), not for {lm.name!r} (fingerprint "
+                f"{lm.fingerprint}); a learned editor only fits the weights it was trained on — "
+                "train one for this model with `lmscalpel train-editor --method mend --model ...`"
+            )
+        for name, shape in shapes.items():
+            try:
+                actual = matrix_shape(lm, name)
+            except AttributeError:
+                raise EditorCheckpointError(f"{folder}: this model has no weight {name}") from None
+            if tuple(actual) != shape:
+                raise EditorCheckpointError(
+                    f"{folder}: weight {name} is {actual} here but {shape} in the editor"
+                )
+    network = MENDNetwork(shapes, meta["rank"])
+    try:
+        network.load_state_dict(load_file(str(Path(folder) / TENSOR_FILE)))
+    except (RuntimeError, KeyError) as error:
+        raise EditorCheckpointError(
+            f"{folder}: tensors do not match editor.json: {error}"
+        ) from None
+    network.eval()
+    return network

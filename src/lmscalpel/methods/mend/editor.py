@@ -1,0 +1,123 @@
+"""The registered ``mend`` editor: one forward and backward pass, then the trained network.
+
+Mitchell et al. 2022, "Fast Model Editing at Scale". Given a trained editor (see :mod:`.train`,
+``lmscalpel train-editor --method mend``), an edit costs one forward and backward pass of the
+frozen model on the edit prompts (for each token's u and δ, :mod:`.grads`) and one pass of the
+small editor network. The result is an ordinary weight patch: for each edited matrix
+ΔW = -η Σ_t δ̃_t ũ_tᵀ, stored as low-rank factors (rank = number of edit tokens) or densely when
+that is smaller. Several requests edit together: their tokens' outer products add up, as in
+MEND's batched edits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from ...config import ConfigError, MethodConfig
+from ...models.loaded import LoadedModel
+from ...patch import ParameterDelta, Patch
+from ...requests import EditRequest
+from ..base import Editor, register
+from .checkpoint import load_editor
+from .grads import TokenGrads, edit_token_grads
+from .network import MENDNetwork
+
+
+@dataclass
+class MENDConfig(MethodConfig):
+    """How to edit with a trained MEND editor.
+
+    ``editor``: folder of an editor trained for this model (``lmscalpel train-editor --method
+    mend --out DIR``; on the command line ``--editor DIR``). ``step_scale`` multiplies the learned
+    step sizes (above 1 edits harder, below 1 more gently). ``direction``: ``"learned"`` uses the
+    editor's ΔW; ``"gradient"`` replaces it, matrix by matrix, by the plain gradient step of the
+    edit loss rescaled to the same Frobenius norm — the untrained baseline "a gradient step of the
+    same size".
+    """
+
+    editor: str | None = None
+    step_scale: float = 1.0
+    direction: Literal["learned", "gradient"] = "learned"
+
+
+def _delta(lm: LoadedModel, name: str, left: torch.Tensor, right: torch.Tensor) -> ParameterDelta:
+    """A patch entry for the (out, in) update left @ right, low-rank when that is smaller."""
+    dtype = lm.model.get_parameter(name).dtype
+    left, right = left.to(dtype), right.to(dtype)
+    rows, rank, cols = left.shape[0], left.shape[1], right.shape[1]
+    if rank * (rows + cols) < rows * cols:
+        return ParameterDelta.from_low_rank(
+            name, *lm.adapter.low_rank_to_storage(name, left, right)
+        )
+    return ParameterDelta.from_dense(name, lm.adapter.to_storage(name, left @ right))
+
+
+def mend_deltas(
+    lm: LoadedModel,
+    grads: TokenGrads,
+    network: MENDNetwork,
+    config: MENDConfig,
+) -> list[ParameterDelta]:
+    """The patch entries for all edits in ``grads`` together (their tokens' updates add up)."""
+    mask = grads.mask
+    with torch.no_grad():
+        factors = network.factors(grads, config.step_scale)
+        deltas = []
+        for name, (left, right) in factors.items():
+            left_all = left.transpose(1, 2)[mask].T  # (out, n tokens)
+            right_all = right[mask]  # (n tokens, in)
+            if config.direction == "gradient":
+                g_left = -grads.grads[name][mask].T
+                g_right = grads.inputs[name][mask]
+                learned = (left_all @ right_all).norm()
+                plain = (g_left @ g_right).norm()
+                left_all = g_left * (learned / plain if plain > 0 else 0.0)
+                right_all = g_right
+            deltas.append(_delta(lm, name, left_all, right_all))
+    return deltas
+
+
+def mend_patch(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    network: MENDNetwork,
+    config: MENDConfig,
+    name: str = "mend",
+) -> Patch:
+    """Edit with an already loaded ``network`` (see :class:`MEND`); ``lm`` is not modified."""
+    start = time.perf_counter()
+    grads = edit_token_grads(lm, requests, network.parameter_names)
+    deltas = mend_deltas(lm, grads, network, config)
+    info = {
+        "tokens": int(grads.mask.sum()),
+        "step_sizes": {n: s * config.step_scale for n, s in network.step_sizes().items()},
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+    return Patch.from_deltas(lm, name, requests, deltas, config.to_dict(), info)
+
+
+@register
+class MEND(Editor):
+    """MEND: a trained hypernetwork turns the edit loss's gradient into the weight change."""
+
+    name: ClassVar[str] = "mend"
+    config_class: ClassVar[type[MethodConfig]] = MENDConfig
+    citation: ClassVar[str] = "Mitchell et al. 2022, Fast Model Editing at Scale"
+
+    def compute(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], config: MENDConfig
+    ) -> Patch:
+        if config.editor is None:
+            raise ConfigError(
+                "MEND edits with a trained editor: train one with `lmscalpel train-editor "
+                "--method mend --data ../shared/data/counterfact/train.json --out DIR`, then "
+                "pass --editor DIR (in Python: config={'editor': 'DIR'})"
+            )
+        network = load_editor(Path(config.editor), lm)
+        return mend_patch(lm, requests, network, config, self.name)
