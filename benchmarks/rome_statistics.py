@@ -100,7 +100,9 @@ def main() -> None:
                 "data": "counterfact/train.json",
                 "n_cases": summary.n_cases,
                 "samples": args.samples,
-                "layer": get_editor("rome").config_for(lm).edit_layer(lm.adapter.num_layers),
+                "layer": get_editor("rome")
+                .config_for(lm)
+                .edit_layer(lm.adapter.num_layers, lm.fingerprint),
                 "rows": summary.rows,
                 "torch_threads": torch.get_num_threads(),
             },

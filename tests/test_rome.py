@@ -232,3 +232,29 @@ def test_prepare_caches_prefixes_and_statistics_before_any_edit(tiny, tmp_path):
     stats_files = list((home / "stats" / tiny.fingerprint).glob("*.safetensors"))
     assert len(stats_files) == 1 and "layers.1." in stats_files[0].name
     assert get_editor("ft-l").prepare(tiny, get_editor("ft-l").config_for(tiny)) is None
+
+
+def test_the_default_layer_is_the_traced_mlp_peak_when_the_model_was_traced(tiny):
+    from lmscalpel.locate.peaks import MIN_FACTS, record_peak, traced_peak
+
+    config = ROMEConfig(default_depth=0.5)
+    assert traced_peak(tiny.fingerprint) is None
+    assert config.edit_layer(4, tiny.fingerprint) == 2  # never traced: the family's depth
+    summary = {"mlp_peak_layer": 1, "window": 2, "model": tiny.name}
+    summary |= {"fingerprint": tiny.fingerprint, "facts_traced": MIN_FACTS - 1}
+    assert record_peak(summary) is None  # too few facts to become a default
+    assert config.edit_layer(4, tiny.fingerprint) == 2
+    assert record_peak({**summary, "facts_traced": MIN_FACTS}).layer == 1
+    assert config.edit_layer(4, tiny.fingerprint) == 1
+    assert ROMEConfig(layer=3).edit_layer(4, tiny.fingerprint) == 3  # an explicit layer wins
+    quick = {k: v for k, v in STRONG.items() if k != "layer"} | {"max_steps": 2}
+    patch = edit(tiny, REQUEST, method="rome", config=quick)
+    assert patch.info["layer"] == 1
+
+
+def test_the_embedded_model_edits_its_traced_peak():
+    from lmscalpel.locate.peaks import traced_peak
+
+    # the embedded SmolLM2-135M's fingerprint (test_rome_real checks it on the real model) and
+    # the peak of its 100-fact aggregate in docs/causal_tracing.md
+    assert traced_peak("fe072e9ea3f8cab6").layer == 4

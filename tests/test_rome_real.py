@@ -25,6 +25,7 @@ def flips(lm, prompt, new, true):
 def test_rome_moves_the_eiffel_tower_and_reverts_bit_exactly(smol):
     assert not flips(smol, EIFFEL.prompt, "Rome", "Paris")
     patch = edit(smol, EIFFEL, method="rome", config={"statistics": False})
+    assert smol.fingerprint == "fe072e9ea3f8cab6" and patch.info["layer"] == 4  # traced peak
     name = patch.parameter_names[0]
     assert patch.deltas[0].rank == 1 and "mlp" in name
     assert flips(smol, EIFFEL.prompt, "Rome", "Paris")

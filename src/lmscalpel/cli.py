@@ -627,7 +627,7 @@ def stats(
 
     lm = _load(model)
     config = ROMEConfig.for_model(lm.model_type)
-    layer = config.edit_layer(lm.adapter.num_layers) if layer is None else layer
+    layer = config.edit_layer(lm.adapter.num_layers, lm.fingerprint) if layer is None else layer
     if not 0 <= layer < lm.adapter.num_layers:
         raise ConfigError(
             f"layer {layer} out of range: this model has layers 0..{lm.adapter.num_layers - 1}"
@@ -744,6 +744,7 @@ def _trace_one(lm, prompt, subject, answer, out: Path, **options) -> None:
 def _trace_aggregate(lm, known: Path, out: Path, *, n: int, tokens: str, **options) -> None:
     from .locate.aggregate import aggregate as run_aggregate
     from .locate.aggregate import load_knowns
+    from .locate.peaks import MIN_FACTS, record_peak
     from .locate.plots import plot_layer_curves, plot_token_classes
 
     summary = run_aggregate(lm, load_knowns(known), n=n, tokens=tokens, out_dir=out, **options)
@@ -792,9 +793,14 @@ def _trace_aggregate(lm, known: Path, out: Path, *, n: int, tokens: str, **optio
         f"{summary['p_corrupted_mean']:.3f}; {summary['seconds_per_fact']:.1f} s per fact"
     )
     if peak is not None:
+        kept = record_peak(summary)
         console.print(
             f"[bold]MLP effect at the last subject token peaks at layer {peak}[/bold] "
-            "(ROME's default edit layer for this model)"
+            + (
+                "(recorded as ROME's default edit layer for this model)"
+                if kept
+                else f"(fewer than {MIN_FACTS} facts: not recorded as ROME's default layer)"
+            )
         )
     for path in files:
         console.print(f"wrote {path}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
+from .files import atomic_write_json
 from .models.loaded import LoadedModel
 from .models.loading import lmscalpel_home
 from .scoring import generate
@@ -63,9 +63,6 @@ def context_prefixes(lm: LoadedModel, count: int = 5, length: int = 5, seed: int
         texts = generate(raw, starts, max_new_tokens=length, sample=True, top_k=5, seed=seed)
         stored[entry] = [_clean(s + t) for s, t in zip(starts, texts)]
         log.info("generated %d context prefixes for %s (cached in %s)", count, lm.name, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(stored, indent=1, ensure_ascii=False))
-        tmp.replace(path)
+        atomic_write_json(path, stored, indent=1)
     _MEMORY[key] = ["", *stored[entry]]
     return list(_MEMORY[key])

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path
 from .models.loading import ModelNotAvailableError, _file_key, _package_dir, lmscalpel_home
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,8 @@ class SentenceEncoder:
                 return embeddings
         log.info("embedding %d pool texts with %s (cached afterwards)", len(texts), self.path.name)
         embeddings = self.encode(texts).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"embeddings": embeddings}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": embeddings}, str(tmp))
         return embeddings
 
 

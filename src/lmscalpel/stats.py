@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .config import ConfigError
+from .files import atomic_path
 from .hooks import capture
 from .models.loaded import LoadedModel
 from .models.loading import lmscalpel_home
@@ -186,10 +187,8 @@ class SampledCorpus:
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
             )
         tokens = out[:, 1:].to("cpu", torch.int32).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"tokens": tokens}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"tokens": tokens}, str(tmp))
         return tokens.long()
 
     def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
@@ -293,8 +292,6 @@ def key_statistics(
             "corpus %s holds only %d tokens (asked for %d)", source.id, accumulator.count, samples
         )
     moment = accumulator.moment().float().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     metadata = {
         "count": str(accumulator.count),
         "layer": str(layer),
@@ -303,8 +300,8 @@ def key_statistics(
         "fingerprint": lm.fingerprint,
         "max_length": str(max_length),
     }
-    save_file({"moment": moment}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"moment": moment}, str(tmp), metadata=metadata)
     stats = KeyStatistics(moment, accumulator.count, layer, source.id, path)
     _MEMORY[path] = stats
     return stats

@@ -25,26 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
 log = logging.getLogger(__name__)
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
 class JsonLines:

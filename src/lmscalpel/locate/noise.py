@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write_json
 from ..models.loaded import LoadedModel
 from ..models.loading import lmscalpel_home
 from ..tokens import SubjectNotFoundError, encode_prompt, subject_token_positions
@@ -111,8 +112,5 @@ def noise_level(
     if key not in table:
         table[key] = embedding_std(lm, sample)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            tmp.replace(path)
+            atomic_write_json(path, table, indent=1)
     return factor * float(table[key])

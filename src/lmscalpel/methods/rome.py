@@ -32,6 +32,7 @@ import torch
 
 from ..config import ConfigError, MethodConfig
 from ..keys_values import ValueOptions, ValueResult, optimise_value
+from ..locate.peaks import traced_peak
 from ..models.loaded import LoadedModel
 from ..patch import ParameterDelta, Patch, weight_snapshot
 from ..prefixes import context_prefixes
@@ -151,7 +152,9 @@ class ROMEConfig(MethodConfig):
         "gpt2": {"default_depth": 0.36},
         "gptj": {"default_depth": 0.19},
         "gpt_neox": {"default_depth": 0.34},
-        "llama": {"default_depth": 0.276},  # layer 8 of SmolLM2's 30: see docs/rome.md
+        "llama": {
+            "default_depth": 0.276
+        },  # layer 8 of 30: see docs/rome.md (traced models: the peak)
         "mistral": {"default_depth": 0.16},
         "qwen2": {"default_depth": 0.16},
     }
@@ -177,7 +180,14 @@ class ROMEConfig(MethodConfig):
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(ValueOptions)}
         )
 
-    def edit_layer(self, num_layers: int) -> int:
+    def edit_layer(self, num_layers: int, fingerprint: str | None = None) -> int:
+        """The layer to edit: ``layer`` if set; else the MLP peak of the model's causal-tracing
+        aggregate (:mod:`lmscalpel.locate.peaks`) when the model with this weight
+        ``fingerprint`` was traced; else ``default_depth`` of the depth."""
+        if self.layer is None and fingerprint is not None:
+            peak = traced_peak(fingerprint)
+            if peak is not None and peak.layer < num_layers:
+                return peak.layer
         layers = None if self.layer is None else [self.layer]
         return resolve_layers(layers, [self.default_depth], num_layers)[0]
 
@@ -200,7 +210,7 @@ class ROME(Editor):
     def _resources(
         lm: LoadedModel, config: ROMEConfig
     ) -> tuple[int, list[str], KeyStatistics | None]:
-        layer = config.edit_layer(lm.adapter.num_layers)
+        layer = config.edit_layer(lm.adapter.num_layers, lm.fingerprint)
         prefixes = context_prefixes(lm, config.prefixes, config.prefix_length)
         stats = (
             key_statistics(lm, layer, config.stats_corpus, config.stats_samples)
