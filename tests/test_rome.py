@@ -247,6 +247,7 @@ def test_the_default_layer_is_the_traced_mlp_peak_when_the_model_was_traced(tiny
     assert record_peak({**summary, "facts_traced": MIN_FACTS}).layer == 1
     assert config.edit_layer(4, tiny.fingerprint) == 1
     assert ROMEConfig(layer=3).edit_layer(4, tiny.fingerprint) == 3  # an explicit layer wins
+    assert get_editor("rome").config_for(tiny).layer == 1  # resolved, so run manifests record it
     quick = {k: v for k, v in STRONG.items() if k != "layer"} | {"max_steps": 2}
     patch = edit(tiny, REQUEST, method="rome", config=quick)
     assert patch.info["layer"] == 1

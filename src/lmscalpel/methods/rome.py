@@ -202,6 +202,14 @@ class ROME(Editor):
         "Meng, Bau, Andonian and Belinkov 2022, Locating and Editing Factual Associations in GPT"
     )
 
+    def config_for(self, lm: LoadedModel) -> ROMEConfig:
+        """The configuration with its layer resolved for ``lm`` (the traced peak or the family's
+        depth), so that run manifests and patches record the layer really edited."""
+        config = super().config_for(lm)
+        if config.layer is None:
+            config = config.replace(layer=config.edit_layer(lm.adapter.num_layers, lm.fingerprint))
+        return config
+
     def prepare(self, lm: LoadedModel, config: ROMEConfig) -> None:
         """Generate the context prefixes and compute the key statistics (both cached)."""
         self._resources(lm, config)
