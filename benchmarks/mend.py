@@ -17,7 +17,7 @@ Rows (single-edit protocol, each case edited on the pristine model and reverted)
 
 Metrics come from :mod:`lmscalpel.evaluation` (ES, PS, NS, fluency, seconds per edit). Writes
 ``benchmarks/results/mend.json`` and ``mend.md``; the evaluation's per-case records stay under
-``--out`` (resumable).
+``--run`` (resumable; the folder ``benchmarks/rome.py`` uses, so ROME's row is computed once).
 """
 
 from __future__ import annotations
@@ -80,8 +80,16 @@ def main() -> None:
     parser.add_argument("--editor", type=Path, default=Path("runs/mend-smollm2"))
     parser.add_argument("--data", default="../shared/data/counterfact/edit.json")
     parser.add_argument("--n", type=int, default=200, help="first N cases")
-    parser.add_argument("--fluency-cases", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-mend"))
+    parser.add_argument("--fluency-cases", type=int, default=100)
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench-mend"), help="the untrained editor"
+    )
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=Path("runs/bench-counterfact200"),
+        help="evaluation records (resumable; shared with benchmarks/rome.py, so ROME runs once)",
+    )
     parser.add_argument("--no-rome", action="store_true", help="leave ROME out")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -122,7 +130,7 @@ def main() -> None:
     cases = load_cases(args.data, n=args.n)
     options = EvalOptions(fluency_cases=args.fluency_cases)
     started = time.perf_counter()
-    summary = compare(lm, cases, specs, options=options, out=args.out / "eval")
+    summary = compare(lm, cases, specs, options=options, out=args.run)
     wall = time.perf_counter() - started
 
     timed = {"mend": ("mend", {"editor": str(args.editor)})}
