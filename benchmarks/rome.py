@@ -44,7 +44,7 @@ LABEL = "rome"
 
 def fluency_difference(store: RunStore) -> dict | None:
     """Mean and standard error of (edited - unedited) fluency over the cases measured for it."""
-    before = {r["key"]: r["pre"].get("fluency") for r in store.baseline().read()}
+    before = {r["key"]: r["pre"].get("fluency") for r in store.baseline.read()}
     pairs = [
         (r["metrics"]["fluency"], before[r["key"]]["entropy"])
         for r in store.cases(LABEL).read()
