@@ -151,3 +151,44 @@ def test_solve_inverts_the_moment():
     assert torch.allclose(moment.double() @ result.solve(k), k.double(), atol=1e-6)
     two = torch.randn(2, 6)
     assert result.solve(two).shape == (2, 6)
+
+
+def test_a_hugging_face_dataset_on_disk_gives_the_statistics_of_its_texts(tiny, tmp_path):
+    datasets = pytest.importorskip("datasets")  # the `hf` extra (installed with `dev`)
+    folder = tmp_path / "saved"
+    texts = [*CORPUS, ""]  # an empty row is skipped, as in text files
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(folder)
+    from_disk = key_statistics(tiny, 1, folder, samples=10_000, progress=False)
+    assert from_disk.corpus.startswith("hf_saved-")
+    as_jsonl = tmp_path / "corpus.jsonl"
+    as_jsonl.write_text("\n".join(json.dumps({"text": t}) for t in CORPUS))
+    from_file = key_statistics(tiny, 1, as_jsonl, samples=10_000, progress=False)
+    assert from_disk.count == from_file.count
+    assert torch.equal(from_disk.moment, from_file.moment)
+
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": CORPUS})}).save_to_disk(
+        splits
+    )
+    with pytest.raises(ConfigError, match="splits validation, not 'train'"):
+        resolve_corpus(splits)
+    datasets.Dataset.from_dict({"body": CORPUS}).save_to_disk(tmp_path / "other")
+    with pytest.raises(ConfigError, match="no 'text' column .*body"):
+        resolve_corpus(tmp_path / "other")
+
+
+def test_a_hub_dataset_that_is_not_cached_is_a_clear_error_not_a_download(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    calls, before = [], datasets.config.HF_HUB_OFFLINE
+    real = datasets.load_dataset
+
+    def load_dataset(*args, **kwargs):
+        calls.append(datasets.config.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(ConfigError, match="not in the local cache .*never downloads"):
+        resolve_corpus("hf:nobody/no-such-corpus:default@train")
+    assert calls == [True]  # loaded with the hub switched off
+    assert before == datasets.config.HF_HUB_OFFLINE  # and the setting restored afterwards

@@ -612,7 +612,9 @@ def stats(
     corpus: Annotated[
         str,
         typer.Option(
-            help="'model' (text the model samples itself), a .txt/.jsonl/.json file or a folder."
+            help="'model' (text the model samples itself), a .txt/.jsonl/.json file or a folder, "
+            "a Hugging Face dataset folder (save_to_disk) or hf:NAME[:CONFIG][@SPLIT] from the "
+            "local datasets cache."
         ),
     ] = "model",
     samples: Annotated[int | None, typer.Option(help="Tokens to accumulate.")] = None,

@@ -13,7 +13,10 @@ Corpora (:func:`resolve_corpus`):
   once per model and cached. docs/rome.md shows the measurement behind this default.
 * a ``.txt`` file (blank lines separate documents), a ``.jsonl`` file (one object per line with a
   ``"text"`` field — what ``datasets.Dataset.to_json`` writes, so a Hugging Face dataset on disk
-  is one line away), a ``.json`` list of strings or such objects, or a folder of these.
+  is one line away), a ``.json`` list of strings or such objects, or a folder of these;
+* a Hugging Face dataset on this machine (:class:`HFDatasetCorpus`, the ``hf`` extra): a folder
+  written by ``save_to_disk``, or ``hf:NAME[:CONFIG][@SPLIT]`` from the local datasets cache
+  (downloads are switched off), its ``text`` column.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -129,11 +132,86 @@ class TextCorpus:
 
     def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
         for path in self.files:
-            for doc in _documents(path):
-                ids = lm.tokenizer(doc, add_special_tokens=True)["input_ids"]
-                for start in range(0, len(ids), max_length):
-                    if len(ids) - start > 1:
-                        yield ids[start : start + max_length]
+            yield from _token_rows(lm, _documents(path), max_length)
+
+
+def _token_rows(lm: LoadedModel, documents: Iterable[str], max_length: int) -> Iterator[list[int]]:
+    """Each document tokenised and cut into rows of at most ``max_length`` tokens."""
+    for doc in documents:
+        ids = lm.tokenizer(doc, add_special_tokens=True)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            if len(ids) - start > 1:
+                yield ids[start : start + max_length]
+
+
+@dataclass
+class HFDatasetCorpus:
+    """A Hugging Face dataset already on this machine (needs the ``datasets`` package, the
+    ``hf`` extra): a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
+    or ``hf:NAME[:CONFIG][@SPLIT]`` read from the local datasets cache with downloads switched
+    off. Documents are the ``text_field`` column of ``split``, in order."""
+
+    source: str
+    split: str = "train"
+    text_field: str = "text"
+    config: str | None = None
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dataset = self._load()
+        if self.text_field not in self.dataset.column_names:
+            raise ConfigError(
+                f"dataset {self.source!r} has no {self.text_field!r} column "
+                f"(columns: {', '.join(self.dataset.column_names)})"
+            )
+        folder = Path(self.source)
+        if folder.is_dir():  # the saved metadata holds the content fingerprint
+            digest = hashlib.sha256(self.split.encode())
+            for meta in sorted(folder.rglob("state.json")):
+                digest.update(meta.read_bytes())
+            stem, tag = folder.name, digest.hexdigest()[:12]
+        else:
+            stem, tag = f"{self.source}-{self.config}-{self.split}", self.dataset._fingerprint[:12]
+        self.id = f"hf_{''.join(c if c.isalnum() else '_' for c in stem)[:40]}-{tag}"
+
+    def _load(self):
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(
+                f"corpus {self.source!r} is a Hugging Face dataset, which needs the `datasets` "
+                "package: pip install 'lmscalpel[hf]' (or pass a .txt/.jsonl/.json corpus)"
+            ) from None
+        if Path(self.source).is_dir():
+            loaded = datasets.load_from_disk(self.source)
+            if isinstance(loaded, datasets.DatasetDict):
+                if self.split not in loaded:
+                    raise ConfigError(
+                        f"{self.source} has splits {', '.join(loaded)}, not {self.split!r}"
+                    )
+                loaded = loaded[self.split]
+            return loaded
+        # the environment only counts before the first import: switch the flags themselves off
+        flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE")]
+        saved = [(module, name, getattr(module, name)) for module, name in flags]
+        try:
+            for module, name in flags:
+                setattr(module, name, True)
+            return datasets.load_dataset(self.source, self.config, split=self.split)
+        except Exception as error:  # datasets raises many kinds when offline and not cached
+            raise ConfigError(
+                f"Hugging Face dataset {self.source!r} (config {self.config}, split "
+                f"{self.split}) is not in the local cache and lmscalpel never downloads at run "
+                f"time: load it once with network access, or save it with save_to_disk and pass "
+                f"the folder ({type(error).__name__}: {str(error)[:200]})"
+            ) from None
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+
+    def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
+        texts = (text for text in self.dataset[self.text_field] if text and text.strip())
+        yield from _token_rows(lm, texts, max_length)
 
 
 @dataclass
@@ -210,12 +288,19 @@ def resolve_corpus(spec: str | os.PathLike | Corpus | None) -> Corpus:
         return SampledCorpus()
     if not isinstance(spec, (str, os.PathLike)):
         return spec
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        name, _, split = spec[3:].partition("@")
+        name, _, config = name.partition(":")
+        return HFDatasetCorpus(name, split=split or "train", config=config or None)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ConfigError(
             f"statistics corpus {str(spec)!r} not found: use 'model' (text sampled from the model "
-            f"itself), a {'/'.join(TEXT_SUFFIXES)} file, or a folder of such files"
+            f"itself), a {'/'.join(TEXT_SUFFIXES)} file, a folder of such files, a dataset folder "
+            "written by save_to_disk, or hf:NAME[:CONFIG][@SPLIT] from the local datasets cache"
         )
+    if path.is_dir() and any(path.rglob("dataset_info.json")):
+        return HFDatasetCorpus(str(path))
     return TextCorpus([path])
 
 
