@@ -44,7 +44,8 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
     kinds = sorted(k for k in present if k.startswith("portability/"))
     rates = [k for k in RATES if k in present] + (kinds if len(kinds) > 1 else [])
     side = [k for k in ("fluency", "seconds_per_edit") if k in present]
-    widths = [max(4.0, 0.9 * len(rates))] + [1.6] * len(side)
+    many = len(names) > 4
+    widths = [max(4.0, 0.9 * len(rates))] + [max(1.6, 0.32 * len(names))] * len(side)
     fig, axes = plt.subplots(
         1, 1 + len(side), figsize=(sum(widths) + 1.5, 4.2),
         gridspec_kw={"width_ratios": widths}, squeeze=False,
@@ -78,11 +79,12 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
                 )
     ax.set_xticks(range(len(rates)))
     ax.set_xticklabels([LABELS.get(k, header(k)) for k in rates], rotation=30, ha="right")
-    ax.set_ylim(0, 124)
+    ax.set_ylim(0, 140 if many else 124)  # room for the legend above the bars
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
     ax.set_title(f"{summary.protocol} protocol, {summary.n_cases} cases")
-    ax.legend(fontsize=8, loc="upper center", ncol=len(names), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", ncol=(len(names) + 1) // 2 if many else len(names),
+              frameon=False)  # fmt: skip
     ax.grid(axis="y", alpha=0.3)
     for ax, key in zip(axes[1:], side):
         shown = [n for n in names if key in summary.rows[n]]
@@ -98,9 +100,10 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
         ax.set_xticklabels(shown, rotation=30, ha="right")
         ax.set_title("fluency (bits)" if key == "fluency" else "seconds per edit")
         for x, v in enumerate(values):
-            ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=6 if many else 7,
+                        rotation=90 if many else 0)  # fmt: skip
         ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.15)
+        ax.margins(y=0.25 if many else 0.15)
     _save(fig, Path(path))
     return Path(path)
 
