@@ -387,3 +387,26 @@ def test_cli_trains_an_editor_and_edits_with_it(tmp_path):
     assert "Traceback" not in result.output
     result = runner.invoke(app, [*edit_args[:1], "--method", "ft-l", *edit_args[3:]])
     assert result.exit_code != 0 and "learned editors" in " ".join(result.output.split())
+
+
+def test_training_chooses_the_step_scale_with_the_best_held_out_score(trained, tmp_path):
+    lm, result, folder = trained
+    scan = result.step_scale_scan
+    assert set(scan) == {str(s) for s in small_config().step_scales}
+    assert scan[str(result.step_scale)]["score"] == max(v["score"] for v in scan.values())
+    assert scan["1.0"]["score"] == pytest.approx(result.best["score"])  # the trained editor as is
+    # an editor saved with its training record edits at that scale by default
+    saved = save_editor(result.network, lm, tmp_path / "e", {"step_scale": 0.4})
+    default = edit(lm, EIFFEL, method="mend", config={"editor": str(saved)})
+    default.revert()
+    explicit = edit(lm, EIFFEL, method="mend", config={"editor": str(saved), "step_scale": 0.4})
+    explicit.revert()
+    assert default.info["step_sizes"] == explicit.info["step_sizes"]
+    assert all(
+        torch.equal(a.materialize(), b.materialize())
+        for a, b in zip(default.deltas, explicit.deltas)
+    )
+    # and one saved without it, at the learned step sizes as they are
+    plain = edit(lm, EIFFEL, method="mend", config={"editor": str(folder)})
+    plain.revert()
+    assert plain.info["step_sizes"] == pytest.approx(result.network.step_sizes())

@@ -384,10 +384,15 @@ def train_editor(
     )
     columns = ("editor", "step", "edit success", "paraphrase success", "neighbourhood success")
     for column in (*columns, "locality drawdown", "score"):
-        table.add_column(column)
-    for label, row in (("untrained", result.untrained), ("trained (best)", result.best)):
+        table.add_column(column, no_wrap=column == "editor")
+    best_step = result.best["step"]
+    rows = [("untrained", 0, result.untrained), ("trained (best)", best_step, result.best)]
+    if result.step_scale_scan and result.step_scale != 1.0:
+        chosen = result.step_scale_scan[str(result.step_scale)]
+        rows.append((f"x{result.step_scale} (default)", best_step, chosen))
+    for label, step, row in rows:
         values = [row[k] for k in ("es", "ps", "ns", "dd", "score")]
-        table.add_row(label, str(row.get("step", 0)), *(f"{v:.3f}" for v in values))
+        table.add_row(label, str(step), *(f"{v:.3f}" for v in values))
     console.print(table)
     console.print(
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min (stopped: "

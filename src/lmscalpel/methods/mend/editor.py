@@ -24,7 +24,7 @@ from ...models.loaded import LoadedModel
 from ...patch import ParameterDelta, Patch
 from ...requests import EditRequest
 from ..base import Editor, register
-from .checkpoint import load_editor
+from .checkpoint import load_editor, read_editor_config
 from .grads import TokenGrads, edit_token_grads
 from .network import MENDNetwork
 
@@ -35,14 +35,15 @@ class MENDConfig(MethodConfig):
 
     ``editor``: folder of an editor trained for this model (``lmscalpel train-editor --method
     mend --out DIR``; on the command line ``--editor DIR``). ``step_scale`` multiplies the learned
-    step sizes (above 1 edits harder, below 1 more gently). ``direction``: ``"learned"`` uses the
+    step sizes (above 1 edits harder, below 1 more gently); ``None`` takes the scale chosen on
+    held-out edits when the editor was trained (1 for editors saved without one). ``direction``: ``"learned"`` uses the
     editor's ΔW; ``"gradient"`` replaces it, matrix by matrix, by the plain gradient step of the
     edit loss rescaled to the same Frobenius norm — the untrained baseline "a gradient step of the
     same size".
     """
 
     editor: str | None = None
-    step_scale: float = 1.0
+    step_scale: float | None = None
     direction: Literal["learned", "gradient"] = "learned"
 
 
@@ -91,6 +92,8 @@ def mend_patch(
     name: str = "mend",
 ) -> Patch:
     """Edit with an already loaded ``network`` (see :class:`MEND`); ``lm`` is not modified."""
+    if config.step_scale is None:
+        config = config.replace(step_scale=1.0)
     start = time.perf_counter()
     grads = edit_token_grads(lm, requests, network.parameter_names)
     deltas = mend_deltas(lm, grads, network, config)
@@ -120,4 +123,19 @@ class MEND(Editor):
                 "pass --editor DIR (in Python: config={'editor': 'DIR'})"
             )
         network = load_editor(Path(config.editor), lm)
-        return mend_patch(lm, requests, network, config, self.name)
+        return mend_patch(lm, requests, network, self._resolved(config), self.name)
+
+    def config_for(self, lm: LoadedModel) -> MENDConfig:
+        """The configuration with the editor's step scale filled in, so that run manifests and
+        patches record the scale really used."""
+        return self._resolved(super().config_for(lm))
+
+    @staticmethod
+    def _resolved(config: MENDConfig) -> MENDConfig:
+        if config.step_scale is not None or config.editor is None:
+            return config
+        folder = Path(config.editor)
+        if not (folder / "editor.json").is_file():
+            return config  # load_editor reports the missing editor clearly
+        trained = read_editor_config(folder).get("training", {})
+        return config.replace(step_scale=float(trained.get("step_scale", 1.0)))
