@@ -42,12 +42,12 @@ DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
 LABEL = "rome"
 
 
-def fluency_difference(store: RunStore) -> dict | None:
+def fluency_difference(store: RunStore, records: list[dict]) -> dict | None:
     """Mean and standard error of (edited - unedited) fluency over the cases measured for it."""
     before = {r["key"]: r["pre"].get("fluency") for r in store.baseline.read()}
     pairs = [
         (r["metrics"]["fluency"], before[r["key"]]["entropy"])
-        for r in store.cases(LABEL).read()
+        for r in records
         if r["metrics"].get("fluency") is not None and before.get(r["key"])
     ]
     if len(pairs) < 2:
@@ -119,7 +119,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     store = RunStore(args.run)
     records = store.cases(LABEL).read()
-    fluency_change = fluency_difference(store)
+    fluency_change = fluency_difference(store, records)
     seconds = [r["edit_seconds"] for r in records]
     base, row = summary.rows["unedited"], summary.rows[LABEL]
     median_seconds = statistics.median(seconds)

@@ -12,8 +12,8 @@ Corpora (:func:`resolve_corpus`):
 * ``"model"`` (the default, no network, no files): text sampled from the model itself, generated
   once per model and cached. docs/rome.md shows the measurement behind this default.
 * a ``.txt`` file (blank lines separate documents), a ``.jsonl`` file (one object per line with a
-  ``"text"`` field — what ``datasets.Dataset.to_json`` writes, so a Hugging Face dataset on disk
-  is one line away), a ``.json`` list of strings or such objects, or a folder of these;
+  ``"text"`` field, as ``datasets.Dataset.to_json`` writes), a ``.json`` list of strings or such
+  objects, or a folder of these;
 * a Hugging Face dataset on this machine (:class:`HFDatasetCorpus`, the ``hf`` extra): a folder
   written by ``save_to_disk``, or ``hf:NAME[:CONFIG][@SPLIT]`` from the local datasets cache
   (downloads are switched off), its ``text`` column.

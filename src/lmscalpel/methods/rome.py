@@ -119,9 +119,10 @@ def rank_one_edit(
 class ROMEConfig(MethodConfig):
     """ROME's hyperparameters.
 
-    ``layer``: the MLP to edit (negative counts from the top); ``None`` uses ``default_depth``, a
-    fraction of the depth (per family below; for unknown families the causal-tracing peak of
-    mid-sized models). ``statistics``: use C = E[k kᵀ] (``False``: C = I); ``stats_corpus``:
+    ``layer``: the MLP to edit (negative counts from the top); ``None`` uses the MLP peak of the
+    model's causal-tracing aggregate when it was traced (:mod:`lmscalpel.locate.peaks`), else
+    ``default_depth``, a fraction of the depth (per family below; for unknown families the
+    causal-tracing peak of mid-sized models). ``statistics``: use C = E[k kᵀ] (``False``: C = I); ``stats_corpus``:
     ``"model"`` (text sampled from the model itself) or a path (see :mod:`lmscalpel.stats`);
     ``stats_samples``: tokens in the estimate. ``prefixes`` context prefixes of
     ``prefix_length`` generated tokens, plus the bare prompt. The remaining fields set the value
@@ -152,9 +153,8 @@ class ROMEConfig(MethodConfig):
         "gpt2": {"default_depth": 0.36},
         "gptj": {"default_depth": 0.19},
         "gpt_neox": {"default_depth": 0.34},
-        "llama": {
-            "default_depth": 0.276
-        },  # layer 8 of 30: see docs/rome.md (traced models: the peak)
+        # layer 8 of 30, the best of docs/rome.md's sweep (a traced model edits its peak)
+        "llama": {"default_depth": 0.276},
         "mistral": {"default_depth": 0.16},
         "qwen2": {"default_depth": 0.16},
     }

@@ -36,10 +36,10 @@ class MENDConfig(MethodConfig):
     ``editor``: folder of an editor trained for this model (``lmscalpel train-editor --method
     mend --out DIR``; on the command line ``--editor DIR``). ``step_scale`` multiplies the learned
     step sizes (above 1 edits harder, below 1 more gently); ``None`` takes the scale chosen on
-    held-out edits when the editor was trained (1 for editors saved without one). ``direction``: ``"learned"`` uses the
-    editor's ΔW; ``"gradient"`` replaces it, matrix by matrix, by the plain gradient step of the
-    edit loss rescaled to the same Frobenius norm — the untrained baseline "a gradient step of the
-    same size".
+    held-out edits when the editor was trained (1 for editors saved without one).
+    ``direction``: ``"learned"`` uses the editor's ΔW; ``"gradient"`` replaces it, matrix by
+    matrix, by the plain gradient step of the edit loss rescaled to the same Frobenius norm — the
+    untrained baseline "a gradient step of the same size".
     """
 
     editor: str | None = None
