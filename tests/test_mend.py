@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,12 +11,17 @@ import torch
 
 from lmscalpel import EditRequest, LocalityProbe, edit, score_targets
 from lmscalpel.config import ConfigError
+from lmscalpel.evaluation import EvalOptions, EvaluationError, MethodSpec, compare
+from lmscalpel.evaluation.aggregate import case_metrics
+from lmscalpel.evaluation.cases import cases_from_requests
+from lmscalpel.evaluation.measure import measure
 from lmscalpel.methods.mend import (
     EditorCheckpointError,
     MENDConfig,
     MENDTrainConfig,
     edit_token_grads,
     edited_parameter_names,
+    editor_digest,
     load_editor,
     mend_patch,
     save_editor,
@@ -57,6 +63,7 @@ RELATIONS = {
     ),
     "instrument": (("{} plays the", "{} is incredible at the"), ("guitar", "piano")),
 }
+RELATIONS_OF = {prompt: targets for (prompt, _), targets in RELATIONS.values()}
 
 
 def synthetic_records(n: int = 120, seed: int = 0) -> list[EditRequest]:
@@ -241,11 +248,35 @@ def test_training_raises_held_out_edit_success_above_the_untrained_editor(traine
     assert best["es"] > untrained["es"]
     assert (best["es"] + best["ps"]) / 2 > (untrained["es"] + untrained["ps"]) / 2
     assert best["nll"] < untrained["nll"]
+    # the unedited model's validation (step scale 0): nothing changed, nothing edited
+    assert result.unedited["dd"] == 0 and result.unedited["kl"] == pytest.approx(0, abs=1e-6)
+    assert result.unedited["nll"] > untrained["nll"]
     # the validation numbers are reproducible from the returned (best) editor
     config = small_config()
     _, val = split_records(synthetic_records(), config)
     again = validate(lm, result.network, val, config)
     assert again["es"] == pytest.approx(best["es"])
+
+
+def test_validation_scores_edits_as_the_benchmark_does(trained):
+    """Training's validation (edits realised in the forward pass, contrast pairs in the batch)
+    gives CounterFact's ES, PS and NS as the evaluation measures them on the applied patches."""
+    lm, result, _ = trained
+    rng = random.Random(3)
+    records = []
+    for r in synthetic_records(10, seed=5):
+        options = [t for t in RELATIONS_OF[r.template] if t != r.target_new]
+        records.append(dataclasses.replace(r, target_true=rng.choice(options)))
+    config = small_config()
+    got = validate(lm, result.network, records, config)
+    rows = []
+    for case, r in zip(cases_from_requests(records), records, strict=True):
+        patch = mend_patch(lm, [r], result.network, MENDConfig())
+        with patch.applied(lm):
+            rows.append(case_metrics(measure(lm, [case], EvalOptions())[case.key]))
+    for key, metric in (("es", "ES"), ("ps", "PS"), ("ns", "NS")):
+        assert got[key] == pytest.approx(sum(row[metric] for row in rows) / len(rows))
+    assert got["es"] > 0 and got["ns"] < 1  # the comparison is not trivially decided
 
 
 def test_training_leaves_the_base_model_untouched():
@@ -277,6 +308,28 @@ def test_saved_editor_reloads_and_gives_identical_patches(trained):
     assert first.parameter_names == second.parameter_names
     for a, b in zip(first.deltas, second.deltas):
         assert torch.equal(a.materialize(), b.materialize())
+
+
+def test_a_resumed_run_refuses_a_retrained_editor_in_the_same_folder(trained, tmp_path):
+    """Evaluation records name the editor's weights digest: retraining into the same folder and
+    resuming the run is refused instead of mixing edits of two editors."""
+    lm, result, _ = trained
+    folder = save_editor(result.network, lm, tmp_path / "editor")
+    cases = cases_from_requests([EIFFEL])
+    spec = MethodSpec("mend", {"editor": str(folder)})
+    first = compare(lm, cases, [spec], out=tmp_path / "run")
+    patch = edit(lm, EIFFEL, method="mend", config={"editor": str(folder)}, apply=False)
+    assert patch.info["editor_sha256"] == editor_digest(folder)
+    assert compare(lm, cases, [spec], out=tmp_path / "run").rows == first.rows  # resumes
+    with torch.no_grad():
+        result.network.log_step += 1.0
+    try:
+        save_editor(result.network, lm, folder)
+    finally:
+        with torch.no_grad():
+            result.network.log_step -= 1.0
+    with pytest.raises(EvaluationError, match="another configuration"):
+        compare(lm, cases, [spec], out=tmp_path / "run")
 
 
 def test_loading_an_editor_for_another_model_is_refused(trained):

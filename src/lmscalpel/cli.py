@@ -386,7 +386,11 @@ def train_editor(
     for column in (*columns, "locality drawdown", "score"):
         table.add_column(column, no_wrap=column == "editor")
     best_step = result.best["step"]
-    rows = [("untrained", 0, result.untrained), ("trained (best)", best_step, result.best)]
+    rows = [
+        ("unedited model", "-", result.unedited),
+        ("untrained", 0, result.untrained),
+        ("trained (best)", best_step, result.best),
+    ]
     if result.step_scale_scan and result.step_scale != 1.0:
         chosen = result.step_scale_scan[str(result.step_scale)]
         rows.append((f"x{result.step_scale} (default)", best_step, chosen))

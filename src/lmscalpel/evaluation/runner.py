@@ -143,6 +143,11 @@ def _normalised(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+def _depends_on(editor: Any, config: MethodConfig) -> dict[str, Any]:
+    extra = editor.depends_on(config)
+    return {"depends_on": extra} if extra else {}
+
+
 def _check_manifest(store: RunStore, manifest: dict[str, Any], overwrite: bool) -> None:
     old = store.manifest()
     if old is None or overwrite:
@@ -263,6 +268,7 @@ def compare(
                     "method": s.method,
                     "protocol": options.protocol,
                     "config": configs[s.name].to_dict(),
+                    **_depends_on(editors[s.name], configs[s.name]),
                 }
                 for s in specs
             },

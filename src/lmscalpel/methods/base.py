@@ -48,6 +48,12 @@ class Editor(ABC):
             )
         return config
 
+    def depends_on(self, config: MethodConfig) -> dict[str, Any]:
+        """What the method's edits depend on besides ``config`` (e.g. the digest of a trained
+        editor's weights), recorded in run manifests so that a resumed run never mixes edits
+        from two different artefacts behind one configuration. Default: nothing."""
+        return {}
+
     def prepare(self, lm: LoadedModel, config: MethodConfig) -> None:
         """Do the one-time, cached work a method needs for ``lm`` (statistics, generated
         prefixes...) so that later edits are fast. Optional: :meth:`compute` does it when needed."""

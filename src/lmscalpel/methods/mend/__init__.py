@@ -14,7 +14,13 @@ gradient to a better weight change, so that an edit costs one forward and backwa
 - :mod:`.editor` — the registered ``mend`` editor producing ordinary patches.
 """
 
-from .checkpoint import EditorCheckpointError, load_editor, read_editor_config, save_editor
+from .checkpoint import (
+    EditorCheckpointError,
+    editor_digest,
+    load_editor,
+    read_editor_config,
+    save_editor,
+)
 from .editor import MEND, MENDConfig, mend_patch
 from .grads import TokenGrads, edit_token_grads, edited_parameter_names
 from .network import GradientTransform, MENDNetwork
@@ -31,6 +37,7 @@ __all__ = [
     "TrainResult",
     "edit_token_grads",
     "edited_parameter_names",
+    "editor_digest",
     "load_editor",
     "mend_patch",
     "read_editor_config",

@@ -10,6 +10,7 @@ fingerprint is refused.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -66,6 +67,16 @@ def save_editor(
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
+
+
+def editor_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of a saved editor's weights: which trained editor made an edit, whatever its
+    folder is called now."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / TENSOR_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_editor_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -24,7 +24,7 @@ from ...models.loaded import LoadedModel
 from ...patch import ParameterDelta, Patch
 from ...requests import EditRequest
 from ..base import Editor, register
-from .checkpoint import load_editor, read_editor_config
+from .checkpoint import editor_digest, load_editor, read_editor_config
 from .grads import TokenGrads, edit_token_grads
 from .network import MENDNetwork
 
@@ -123,7 +123,16 @@ class MEND(Editor):
                 "pass --editor DIR (in Python: config={'editor': 'DIR'})"
             )
         network = load_editor(Path(config.editor), lm)
-        return mend_patch(lm, requests, network, self._resolved(config), self.name)
+        patch = mend_patch(lm, requests, network, self._resolved(config), self.name)
+        patch.info["editor_sha256"] = editor_digest(config.editor)
+        return patch
+
+    def depends_on(self, config: MENDConfig) -> dict[str, Any]:
+        """The trained editor's weights digest (a retrained editor in the same folder is another
+        method as far as a resumed run is concerned)."""
+        if config.editor is None or not (Path(config.editor) / "editor.json").is_file():
+            return {}
+        return {"editor_sha256": editor_digest(config.editor)}
 
     def config_for(self, lm: LoadedModel) -> MENDConfig:
         """The configuration with the editor's step scale filled in, so that run manifests and

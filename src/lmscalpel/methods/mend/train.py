@@ -21,13 +21,14 @@ the default three top layers of a 30-layer model).
 Before training, the standardisation statistics of (u, δ) are measured on training edits and
 the initial step size η is chosen by a line search on the same objective, so the untrained
 editor is already a sensible gradient step. A held-out validation slice is scored before
-training and every ``val_every`` steps — edit success (ES: every target token is the edited
-model's argmax), paraphrase success (PS), neighbourhood success (NS: the locality prompt still
-prefers its answer to the new target, by first tokens) and locality drawdown (DD: the share of
-locality tokens whose argmax changed) — and the best state by the harmonic mean of ES, PS and NS
-(CounterFact's score) is kept; training stops
-after ``steps``, after ``patience`` validations without improvement, or when ``max_minutes`` of
-wall time are spent.
+training and every ``val_every`` steps with CounterFact's comparisons, as the benchmark scores
+them: edit success (ES: after the edit prompt the new target is more likely than the true one,
+by mean per-token log-probability; exact argmax match for records without a true target),
+paraphrase success (PS, the same after the paraphrase) and neighbourhood success (NS: the
+locality prompt still prefers its answer to the new target), plus the locality drawdown (DD: the
+share of locality tokens whose argmax changed). The best state by the harmonic mean of ES, PS
+and NS (CounterFact's score) is kept; training stops after ``steps``, after ``patience``
+validations without improvement, or when ``max_minutes`` of wall time are spent.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ from .network import MENDNetwork
 
 log = logging.getLogger(__name__)
 
-EDIT, PARAPHRASE, LOCALITY = 0, 1, 2
+EDIT, PARAPHRASE, LOCALITY = 0, 1, 2  # the pairs the meta-loss trains on
+# score-only pairs for CounterFact's comparisons at validation: the true target after the edit
+# prompt and the paraphrase, the new target after the locality prompt
+EDIT_TRUE, PARAPHRASE_TRUE, LOCALITY_NEW = 3, 4, 5
+CONTRAST = {EDIT: EDIT_TRUE, PARAPHRASE: PARAPHRASE_TRUE, LOCALITY: LOCALITY_NEW}
 
 
 @dataclass
@@ -121,8 +126,9 @@ class MENDTrainConfig(MethodConfig):
 class MetaBatch:
     """The edit, paraphrase and locality prompts of several edits in one teacher-forced batch.
 
-    ``role[p]``: EDIT, PARAPHRASE or LOCALITY for pair ``p``; ``owner[r]``: the edit whose ΔW
-    row ``r`` sees; ``edit_rows[e]``: the row of edit ``e``'s own prompt.
+    ``role[p]``: EDIT, PARAPHRASE or LOCALITY for pair ``p`` (or a score-only contrast role);
+    ``owner[r]``: the edit whose ΔW row ``r`` sees; ``edit_rows[e]``: the row of edit ``e``'s own
+    prompt; ``partner[p]``: the contrast pair ``p`` is compared with (-1: none).
     """
 
     batch: TeacherForcedBatch
@@ -132,23 +138,33 @@ class MetaBatch:
     n_edits: int
     keys: list[tuple[str, str]]  # per pair: (prompt, target)
     loc_new_token: torch.Tensor  # per locality pair: first token of target_new after its prompt
+    partner: torch.Tensor  # (n_pairs,)
 
     @classmethod
-    def build(cls, lm: LoadedModel, requests: Sequence[EditRequest]) -> MetaBatch:
-        prompts, targets, roles, owners, loc_new = [], [], [], [], []
+    def build(
+        cls, lm: LoadedModel, requests: Sequence[EditRequest], contrasts: bool = False
+    ) -> MetaBatch:
+        """The batch for ``requests``; ``contrasts`` adds the pairs CounterFact compares each
+        scored pair with (validation only: the meta-loss does not use them). Requests without a
+        true target get no edit/paraphrase contrast and are judged by exact match instead."""
+        prompts, targets, roles, owners, loc_new, partner = [], [], [], [], [], []
 
-        def add(prompt: str, target: str, role: int, edit: int) -> None:
+        def add(prompt: str, target: str, role: int, edit: int, against: str | None) -> None:
             prompts.append(prompt)
             targets.append(target)
             roles.append(role)
             owners.append(edit)
+            partner.append(-1)
+            if contrasts and against is not None:
+                partner[-1] = len(prompts)
+                add(prompt, against, CONTRAST[role], edit, None)
 
         for e, request in enumerate(requests):
-            add(request.prompt, request.target_new, EDIT, e)
+            add(request.prompt, request.target_new, EDIT, e, request.target_true)
             for paraphrase in request.paraphrases[:1]:
-                add(paraphrase, request.target_new, PARAPHRASE, e)
+                add(paraphrase, request.target_new, PARAPHRASE, e, request.target_true)
             for probe in request.locality[:1]:
-                add(probe.prompt, probe.answer, LOCALITY, e)
+                add(probe.prompt, probe.answer, LOCALITY, e, request.target_new)
                 loc_new.append(encode_target(lm, probe.prompt, request.target_new)[0])
         batch = build_batch(lm, prompts, targets, share_prefixes=False)
         owner = torch.zeros(batch.input_ids.shape[0], dtype=torch.long)
@@ -166,6 +182,7 @@ class MetaBatch:
             len(requests),
             keys,
             torch.tensor(loc_new, dtype=torch.long),
+            torch.tensor(partner, dtype=torch.long),
         )
 
     def token_role(self) -> torch.Tensor:
@@ -299,35 +316,54 @@ def meta_loss(
     chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
     hits = (logprobs.argmax(-1) == batch.token_ids).float()
     role = mb.role.to(chosen.device)
-    nll = -pair_means(chosen, batch)
+    mean_logprob = pair_means(chosen, batch)
     exact = pair_means(hits, batch) == 1.0
     is_loc = mb.token_role() == LOCALITY
     loc_ref = ref.locality_logprobs
     kl_tokens = (loc_ref.exp() * (loc_ref - logprobs[is_loc])).sum(-1)
     changed = (logprobs[is_loc].argmax(-1) != loc_ref.argmax(-1)).float()
-    kept = _neighbour_kept(mb, logprobs[is_loc])
-    wants_edit = role != LOCALITY
-    edit_loss = nll[wants_edit].mean()
+    wants_edit = (role == EDIT) | (role == PARAPHRASE)
+    edit_loss = -mean_logprob[wants_edit].mean()
     loc_loss = kl_tokens.mean() if len(kl_tokens) else edit_loss.new_zeros(())
     loss = config.edit_weight * edit_loss + config.loc_weight * loc_loss
+    wins = _wins(mb, mean_logprob.detach(), exact)
+    if (role == LOCALITY).any() and bool((mb.partner[mb.role == LOCALITY] < 0).any()):
+        neighbours = _neighbour_kept(mb, logprobs[is_loc])  # no contrast pairs: first tokens
+    else:
+        neighbours = wins[role == LOCALITY].float()
     stats = {
         "loss": float(loss.detach()),
         "nll": float(edit_loss.detach()),
         "kl": float(loc_loss.detach()),
-        "es": float(exact[role == EDIT].float().mean()),
-        "ps": float(exact[role == PARAPHRASE].float().mean())
-        if (role == PARAPHRASE).any()
-        else 0.0,
+        "es": _share(wins[role == EDIT]),
+        "ps": _share(wins[role == PARAPHRASE]),
+        "ns": _share(neighbours, empty=1.0),
+        "exact": _share(exact[role == EDIT]),
         "dd": float(changed.mean()) if len(changed) else 0.0,
-        "ns": float(kept.mean()) if len(kept) else 1.0,
     }
     return loss, stats
+
+
+def _share(flags: torch.Tensor, empty: float = 0.0) -> float:
+    return float(flags.float().mean()) if len(flags) else empty
+
+
+def _wins(mb: MetaBatch, mean_logprob: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per pair: does its target beat its contrast pair's (CounterFact's comparison of mean
+    per-token log-probs)? Pairs without a contrast count as won when every target token is the
+    argmax."""
+    partner = mb.partner.to(mean_logprob.device)
+    wins = exact.clone()
+    has = partner >= 0
+    wins[has] = mean_logprob[has] > mean_logprob[partner[has]]
+    return wins
 
 
 def _neighbour_kept(mb: MetaBatch, locality: torch.Tensor) -> torch.Tensor:
     """Per locality probe: does the model still prefer the probe's answer to the edit's new
     target, judged by their first tokens after the probe's prompt (CounterFact's neighbourhood
-    success, to first-token precision)? ``locality``: (N_loc, vocab) log-distributions."""
+    success, to first-token precision; the progress bar's NS, without contrast pairs)?
+    ``locality``: (N_loc, vocab) log-distributions."""
     pairs = mb.batch.pair_index[mb.token_role() == LOCALITY]
     if len(pairs) == 0:
         return locality.new_zeros(0)
@@ -357,7 +393,7 @@ def validate(
     """Mean metrics of the editor over ``requests`` (each edit applied alone), plus ``score``."""
     totals: dict[str, float] = {}
     for chunk in _batches(requests, config.batch_size):
-        mb = MetaBatch.build(lm, chunk)
+        mb = MetaBatch.build(lm, chunk, contrasts=True)
         ref = reference(lm, mb, network.parameter_names, cache)
         with torch.no_grad():
             _, stats = meta_loss(lm, mb, ref, network, config, step_scale)
@@ -426,6 +462,7 @@ class TrainResult:
     stopped: str  # "steps", "patience" or "time"
     untrained: dict[str, float]
     best: dict[str, float]
+    unedited: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     n_train: int = 0
@@ -440,6 +477,7 @@ class TrainResult:
             "stopped": self.stopped,
             "train_records": self.n_train,
             "val_records": self.n_val,
+            "unedited_validation": self.unedited,
             "untrained_validation": self.untrained,
             "best_validation": self.best,
             "history": self.history,
@@ -505,6 +543,8 @@ def train_mend(
     network = build_network(lm, config)
     cache = LowerCache(lm, lowest_layer(lm.adapter, network.parameter_names))
     calibration = calibrate(lm, network, train[: config.calibration_edits], config, cache)
+    unedited = validate(lm, network, val, config, step_scale=0.0, cache=cache)
+    log.info("unedited model on %d held-out edits: %s", len(val), _fmt(unedited))
     untrained = validate(lm, network, val, config, cache=cache)
     log.info("untrained editor on %d held-out edits: %s", len(val), _fmt(untrained))
     best, best_state = dict(untrained, step=0), copy.deepcopy(network.state_dict())
@@ -542,8 +582,8 @@ def train_mend(
             bar.update(1)
             bar.set_postfix(
                 loss=f"{running['loss']:.2f}",
-                es=f"{running['es']:.2f}",
-                ps=f"{running['ps']:.2f}",
+                edit_top1=f"{running['es']:.2f}",  # no contrast pairs in training batches:
+                para_top1=f"{running['ps']:.2f}",  # argmax success, stricter than validation's
                 ns=f"{running['ns']:.2f}",
                 drawdown=f"{running['dd']:.3f}",
                 best=f"{best['score']:.3f}",
@@ -588,6 +628,7 @@ def train_mend(
         stopped=stopped,
         untrained=untrained,
         best=best,
+        unedited=unedited,
         history=history,
         calibration=calibration,
         n_train=len(train),
@@ -598,5 +639,5 @@ def train_mend(
 
 
 def _fmt(stats: dict[str, float]) -> str:
-    keys = ("es", "ps", "ns", "dd", "nll", "kl", "score")
+    keys = ("es", "ps", "ns", "exact", "dd", "nll", "kl", "score")
     return " ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
