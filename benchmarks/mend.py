@@ -33,7 +33,12 @@ import torch
 
 import lmscalpel as ls
 from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, load_cases, read_dataset
-from lmscalpel.methods.mend import MENDTrainConfig, read_editor_config, save_editor
+from lmscalpel.methods.mend import (
+    MENDTrainConfig,
+    editor_digest,
+    read_editor_config,
+    save_editor,
+)
 from lmscalpel.methods.mend.train import build_network, calibrate, split_records
 
 RESULTS = Path(__file__).parent / "results"
@@ -106,7 +111,8 @@ def main() -> None:
 
     lm = ls.load_model()
     trained = read_editor_config(args.editor)
-    untrained = untrained_editor(lm, args.editor, args.out / "untrained-editor")
+    digest = editor_digest(args.editor)[:12]
+    untrained = untrained_editor(lm, args.editor, args.out / f"untrained-of-{digest}")
     specs = [
         MethodSpec("mend", {"editor": str(args.editor)}, label="mend"),
         MethodSpec("mend", {"editor": str(untrained)}, label="mend (untrained)"),
@@ -159,8 +165,11 @@ def main() -> None:
             "training_minutes": round(training.get("seconds", 0) / 60, 1),
             "command_minutes": round(training.get("command_seconds", 0) / 60, 1),
             "stopped": training.get("stopped"),
+            "unedited_validation": training.get("unedited_validation"),
             "untrained_validation": training.get("untrained_validation"),
             "best_validation": training.get("best_validation"),
+            "step_scale": training.get("step_scale"),
+            "step_scale_scan": training.get("step_scale_scan"),
             "config": training.get("config"),
         },
         "also": {

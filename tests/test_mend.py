@@ -40,6 +40,7 @@ from lmscalpel.methods.mend.train import (
     validate,
 )
 from lmscalpel.scoring import build_batch, token_logprobs
+from lmscalpel.stats import input_statistics
 from lmscalpel.testing import tiny_model
 
 EIFFEL = EditRequest(
@@ -91,7 +92,14 @@ def synthetic_records(n: int = 120, seed: int = 0) -> list[EditRequest]:
 
 def small_config(**changes) -> MENDTrainConfig:
     values = dict(
-        rank=32, steps=40, batch_size=8, val_size=32, val_every=20, lr=1e-3, max_minutes=None
+        rank=32,
+        steps=40,
+        batch_size=8,
+        val_size=32,
+        val_every=20,
+        lr=3e-3,
+        max_minutes=None,
+        stats_samples=2000,
     )
     values.update(changes)
     return MENDTrainConfig(**values)
@@ -215,6 +223,31 @@ def test_untrained_network_is_the_identity_on_standardised_inputs(tiny):
         u_new, d_new = network.transform(name, u, d)
         torch.testing.assert_close(u_new, u)
         torch.testing.assert_close(d_new, d)
+
+
+def test_a_preconditioned_untrained_editor_steps_along_the_inverse_input_moment(tiny):
+    """With ``precondition`` the input factor of ΔW is C⁻¹u (ROME's direction), C each matrix's
+    input second moment from the statistics module; without it, the standardised u."""
+    records = synthetic_records(16)
+    plain = build_network(tiny, small_config(precondition=False))
+    network = build_network(tiny, small_config())
+    for net in (plain, network):
+        calibrate(tiny, net, records, small_config(precondition=net.precondition))
+    grads = edit_token_grads(tiny, [EIFFEL], network.parameter_names)
+    moments = input_statistics(tiny, network.parameter_names, samples=2000, progress=False)
+    mask = grads.mask[0]
+    for name in network.parameter_names:
+        u = grads.inputs[name][0, mask].double()
+        moment = moments[name].moment.double()
+        scale = moment.diagonal().mean()
+        expected = u @ torch.linalg.inv(moment + 1e-3 * scale * torch.eye(len(moment))) * scale
+        right = network.factors(grads)[name][1][0, mask].double()
+        torch.testing.assert_close(right, expected, rtol=1e-3, atol=1e-4)
+        key, mode = plain.modes[name]
+        standardised = plain.transforms[key].standardise(
+            grads.inputs[name][0, mask], grads.grads[name][0, mask], mode
+        )[:, : u.shape[1]]
+        torch.testing.assert_close(plain.factors(grads)[name][1][0, mask], standardised)
 
 
 def test_matrices_of_one_shape_share_a_transform_with_their_own_scale_and_shift(tiny):

@@ -12,11 +12,12 @@ from lmscalpel.stats import (
     SampledCorpus,
     SecondMoment,
     TextCorpus,
+    input_statistics,
     key_statistics,
     resolve_corpus,
     statistics_path,
 )
-from lmscalpel.testing import CORPUS
+from lmscalpel.testing import CORPUS, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +58,42 @@ def test_statistics_equal_the_keys_of_every_corpus_token(tiny, corpus_file):
     assert result.count == len(keys)  # the corpus is smaller than asked: all of it is used
     expected = keys.T.double() @ keys.double() / len(keys)
     assert torch.allclose(result.moment.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_input_statistics_of_several_weights_come_from_one_pass(
+    model_type, corpus_file, monkeypatch
+):
+    """Any weight's input second moment (GPT-2's transposed Conv1D included), several weights in
+    one pass, each equal to the inputs its module saw; then each is read from its own cache."""
+    lm = tiny_model(model_type)
+    a = lm.adapter
+    weights = [a.mlp_in_weight_names(0)[0], a.mlp_out_weight_name(1)]
+    passes = []
+    handle = a.layer(0).register_forward_hook(lambda *args: passes.append(1))
+    try:
+        result = input_statistics(lm, weights, corpus_file, samples=10_000, progress=False)
+    finally:
+        handle.remove()
+    n_batches = len(passes)
+    for weight in weights:
+        module = weight.rpartition(".")[0]
+        inputs = []
+        for doc in CORPUS:
+            ids = lm.tokenizer(doc, return_tensors="pt")["input_ids"]
+            with capture(lm.model, module, inputs=True) as seen:
+                lm.model(input_ids=ids)
+            inputs.append(seen[module].input[0])
+        inputs = torch.cat(inputs)
+        assert result[weight].moment.shape == (a.matrix_shape(weight)[1],) * 2
+        assert result[weight].layer == a.layer_of(weight)
+        expected = inputs.T.double() @ inputs.double() / len(inputs)
+        assert torch.allclose(result[weight].moment.double(), expected, rtol=1e-4, atol=1e-5)
+    assert n_batches == -(-len(CORPUS) // 16)  # one pass for both weights
+    stats._MEMORY.clear()
+    monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    again = input_statistics(lm, weights[::-1], corpus_file, samples=10_000, progress=False)
+    assert all(torch.equal(again[w].moment, result[w].moment) for w in weights)
 
 
 def test_only_the_layers_up_to_the_edited_one_run(tiny, corpus_file):

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -307,13 +307,15 @@ def resolve_corpus(spec: str | os.PathLike | Corpus | None) -> Corpus:
 # ---- statistics ------------------------------------------------------------------------------
 @dataclass
 class KeyStatistics:
-    """C = E[k kᵀ] (d, d) of the keys of one layer's MLP output matrix, from ``count`` keys."""
+    """C = E[k kᵀ] (d, d) of the inputs k of one weight matrix (by default a layer's MLP output
+    matrix: its keys), from ``count`` tokens."""
 
     moment: torch.Tensor
     count: int
     layer: int
     corpus: str
     path: Path | None = None
+    weight: str | None = None
     _cholesky: torch.Tensor | None = field(default=None, repr=False)
 
     def solve(self, keys: torch.Tensor) -> torch.Tensor:
@@ -334,9 +336,10 @@ class KeyStatistics:
 _MEMORY: dict[Path, KeyStatistics] = {}
 
 
-def statistics_path(lm: LoadedModel, layer: int, corpus: Corpus, samples: int) -> Path:
-    """Where the statistics of (model, layer, corpus, sample count) are cached."""
-    weight = lm.adapter.mlp_out_weight_name(layer)
+def statistics_path(lm: LoadedModel, layer: int | str, corpus: Corpus, samples: int) -> Path:
+    """Where the statistics of (model, weight, corpus, sample count) are cached; ``layer``: the
+    layer whose MLP output matrix's keys they are, or a weight's name."""
+    weight = layer if isinstance(layer, str) else lm.adapter.mlp_out_weight_name(layer)
     return (
         lmscalpel_home() / "stats" / lm.fingerprint / f"{weight}.{corpus.id}.{samples}.safetensors"
     )
@@ -357,68 +360,115 @@ def key_statistics(
     Read from the cache when it is there (a hit costs milliseconds); otherwise streamed in batches
     with a progress bar — only the layers up to ``layer`` run — and cached.
     """
+    weight = lm.adapter.mlp_out_weight_name(layer)
+    found = input_statistics(
+        lm,
+        [weight],
+        corpus,
+        samples,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
+    return found[weight]
+
+
+def input_statistics(
+    lm: LoadedModel,
+    weights: Sequence[str],
+    corpus: str | os.PathLike | Corpus | None = DEFAULT_CORPUS,
+    samples: int = DEFAULT_SAMPLES,
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+    progress: bool = True,
+) -> dict[str, KeyStatistics]:
+    """The second moment of the inputs of each named weight matrix over ``samples`` tokens of
+    ``corpus``: from the cache where it is there, the missing ones together in one streamed pass
+    (up to the highest of their layers), then cached one file per weight."""
     if samples < 1:
         raise ConfigError(f"statistics need at least one sample, got {samples}")
     source = resolve_corpus(corpus)
-    path = statistics_path(lm, layer, source, samples)
-    if path in _MEMORY:
-        return _MEMORY[path]
-    if path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            count = int((handle.metadata() or {}).get("count", samples))
-            stats = KeyStatistics(handle.get_tensor("moment"), count, layer, source.id, path)
-        log.debug("statistics cache hit: %s", path)
-        _MEMORY[path] = stats
-        return stats
-    log.info("computing key statistics of layer %d over %d tokens of %s", layer, samples, source.id)
-    accumulator = _accumulate(lm, layer, source, samples, batch_size, max_length, progress)
-    if accumulator.count < samples:
-        log.warning(
-            "corpus %s holds only %d tokens (asked for %d)", source.id, accumulator.count, samples
-        )
-    moment = accumulator.moment().float().contiguous()
-    metadata = {
-        "count": str(accumulator.count),
-        "layer": str(layer),
-        "corpus": source.id,
-        "model": lm.name,
-        "fingerprint": lm.fingerprint,
-        "max_length": str(max_length),
-    }
-    with atomic_path(path) as tmp:
-        save_file({"moment": moment}, str(tmp), metadata=metadata)
-    stats = KeyStatistics(moment, accumulator.count, layer, source.id, path)
-    _MEMORY[path] = stats
-    return stats
+    found: dict[str, KeyStatistics] = {}
+    for weight in weights:
+        path = statistics_path(lm, weight, source, samples)
+        if path in _MEMORY:
+            found[weight] = _MEMORY[path]
+        elif path.is_file():
+            with safe_open(str(path), "pt") as handle:
+                count = int((handle.metadata() or {}).get("count", samples))
+                moment = handle.get_tensor("moment")
+            layer = lm.adapter.layer_of(weight)
+            found[weight] = KeyStatistics(moment, count, layer, source.id, path, weight)
+            _MEMORY[path] = found[weight]
+            log.debug("statistics cache hit: %s", path)
+    missing = [w for w in dict.fromkeys(weights) if w not in found]
+    if not missing:
+        return found
+    log.info("computing input statistics of %s over %d tokens of %s", missing, samples, source.id)
+    accumulators = _accumulate(lm, missing, source, samples, batch_size, max_length, progress)
+    for weight, accumulator in accumulators.items():
+        if accumulator.count < samples:
+            log.warning(
+                "corpus %s holds only %d tokens (asked for %d)",
+                source.id,
+                accumulator.count,
+                samples,
+            )
+        layer = lm.adapter.layer_of(weight)
+        moment = accumulator.moment().float().contiguous()
+        metadata = {
+            "count": str(accumulator.count),
+            "layer": str(layer),
+            "weight": weight,
+            "corpus": source.id,
+            "model": lm.name,
+            "fingerprint": lm.fingerprint,
+            "max_length": str(max_length),
+        }
+        path = statistics_path(lm, weight, source, samples)
+        with atomic_path(path) as tmp:
+            save_file({"moment": moment}, str(tmp), metadata=metadata)
+        found[weight] = KeyStatistics(moment, accumulator.count, layer, source.id, path, weight)
+        _MEMORY[path] = found[weight]
+    return found
 
 
 def _accumulate(
     lm: LoadedModel,
-    layer: int,
+    weights: Sequence[str],
     corpus: Corpus,
     samples: int,
     batch_size: int,
     max_length: int,
     progress: bool,
-) -> SecondMoment:
-    name = lm.adapter.mlp_out_name(layer)
-    accumulator = SecondMoment(lm.adapter.mlp_key_size(layer))
+) -> dict[str, SecondMoment]:
+    modules = {weight: weight.rpartition(".")[0] for weight in weights}
+    accumulators = {w: SecondMoment(lm.adapter.matrix_shape(w)[1]) for w in weights}
     rows = corpus.rows(lm, max_length)
+    layers = sorted({lm.adapter.layer_of(w) for w in weights})
+    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+    count = 0
     with tqdm(
-        total=samples, unit="tok", desc=f"key statistics, layer {layer}", disable=not progress
+        total=samples, unit="tok", desc=f"input statistics, {what}", disable=not progress
     ) as bar:
-        while accumulator.count < samples:
+        while count < samples:
             batch = [row for _, row in zip(range(batch_size), rows)]
             if not batch:
                 break
             ids, mask = right_padded(lm, batch)
             with (
                 torch.no_grad(),
-                capture(lm.model, name, inputs=True, outputs=False, stop=True) as seen,
+                capture(
+                    lm.model, list(set(modules.values())), inputs=True, outputs=False, stop=True
+                ) as seen,
             ):
                 lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = seen[name].input[mask.bool()]
-            keys = keys[: samples - accumulator.count]
-            accumulator.add(keys)
-            bar.update(len(keys))
-    return accumulator
+            taken = 0
+            for weight, module in modules.items():
+                keys = seen[module].input[mask.bool()][: samples - count]
+                accumulators[weight].add(keys)
+                taken = len(keys)
+            count += taken
+            bar.update(taken)
+    return accumulators

@@ -226,6 +226,19 @@ class ModelAdapter:
         return 2048
 
     # ---- weights as (out, in) ----------------------------------------------------------------
+    def layer_of(self, param_name: str) -> int:
+        """Index of the decoder block holding ``param_name``."""
+        prefix = self.spec.layers + "."
+        index = param_name[len(prefix) :].split(".", 1)[0]
+        if not param_name.startswith(prefix) or not index.isdigit():
+            raise ValueError(f"{param_name} lies in no decoder block")
+        return int(index)
+
+    def matrix_shape(self, param_name: str) -> tuple[int, int]:
+        """(out, in) of a weight matrix, whatever its storage layout."""
+        rows, cols = self.model.get_parameter(param_name).shape
+        return (cols, rows) if self.is_transposed(param_name) else (rows, cols)
+
     def is_transposed(self, param_name: str) -> bool:
         """True when the parameter is stored (in, out), as in GPT-2's ``Conv1D``."""
         module_name, _, leaf = param_name.rpartition(".")

@@ -54,6 +54,7 @@ def save_editor(
         "model_type": lm.model_type,
         "model_fingerprint": lm.fingerprint,
         "rank": network.rank,
+        "precondition": network.precondition,
         "parameters": {name: list(shape) for name, shape in network.shapes.items()},
         "training": training or {},
     }
@@ -120,7 +121,7 @@ def load_editor(folder: str | os.PathLike, lm: LoadedModel | None = None) -> MEN
                 raise EditorCheckpointError(
                     f"{folder}: weight {name} is {actual} here but {shape} in the editor"
                 )
-    network = MENDNetwork(shapes, meta["rank"])
+    network = MENDNetwork(shapes, meta["rank"], precondition=bool(meta.get("precondition")))
     try:
         network.load_state_dict(load_file(str(Path(folder) / TENSOR_FILE)))
     except (RuntimeError, KeyError) as error:

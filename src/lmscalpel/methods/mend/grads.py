@@ -52,11 +52,9 @@ def edited_parameter_names(
 def lowest_layer(adapter: ModelAdapter, param_names: Sequence[str]) -> int:
     """Index of the lowest decoder block holding one of ``param_names`` (below it, an edit of
     these weights changes nothing)."""
-    for layer in range(adapter.num_layers):
-        prefix = adapter.layer_name(layer) + "."
-        if any(name.startswith(prefix) for name in param_names):
-            return layer
-    raise ValueError(f"none of {list(param_names)} lies in a decoder block")
+    if not param_names:
+        raise ValueError("no parameter names given")
+    return min(adapter.layer_of(name) for name in param_names)
 
 
 def module_of(param_name: str) -> str:
@@ -66,9 +64,7 @@ def module_of(param_name: str) -> str:
 
 def matrix_shape(lm: LoadedModel, param_name: str) -> tuple[int, int]:
     """(out, in) of a weight, whatever its storage layout."""
-    weight = lm.model.get_parameter(param_name)
-    rows, cols = weight.shape
-    return (cols, rows) if lm.adapter.is_transposed(param_name) else (rows, cols)
+    return lm.adapter.matrix_shape(param_name)
 
 
 @dataclass

@@ -8,6 +8,12 @@ whose gradient is Σ_t δ_t u_tᵀ (see :mod:`.grads`), the editor computes
     [ũ_t ; δ̃_t] = z_t + B h_t + b                               B, b start at zero: identity
     ΔW = -η_ℓ Σ_t δ̃_t ũ_tᵀ                                      (out, in), rank <= #tokens
 
+With ``precondition`` the input-side factor is C_ℓ⁻¹ ũ_t instead (ũ_t taken back to the input's
+scale), C_ℓ the second moment of the matrix's inputs over text: the untrained editor then steps
+along C⁻¹u like ROME's rank-one update (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT", eq. 2), which changes the outputs of keys that are common in text least —
+on CounterFact, the prompts that share the edit's relation.
+
 One :class:`GradientTransform` (A, a, B, b) serves every edited matrix of the same shape; the
 per-matrix scale ``s_ℓ`` and shift ``o_ℓ`` (MEND's layer-specific modulation) and the learned step
 size ``η_ℓ`` tell them apart. The standardisation statistics (mean, std of [u; δ] per matrix) are
@@ -41,12 +47,17 @@ class GradientTransform(nn.Module):
     inputs until trained.
     """
 
-    def __init__(self, d_in: int, d_out: int, n_modes: int, rank: int) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, n_modes: int, rank: int, precondition: bool = False
+    ) -> None:
         super().__init__()
         width = d_in + d_out
         self.d_in, self.d_out = d_in, d_out
         self.register_buffer("mean", torch.zeros(n_modes, width))
         self.register_buffer("std", torch.ones(n_modes, width))
+        self.precondition = precondition
+        if precondition:  # per matrix: (C + ridge)⁻¹ of its inputs, see MENDNetwork
+            self.register_buffer("key_inverse", torch.eye(d_in).repeat(n_modes, 1, 1))
         self.down = nn.Linear(width, rank)
         self.up = nn.Linear(rank, width)
         nn.init.zeros_(self.up.weight)
@@ -65,6 +76,15 @@ class GradientTransform(nn.Module):
         out = z + self.up(hidden)
         return out[..., : self.d_in], out[..., self.d_in :]
 
+    def right_factor(self, u_new: torch.Tensor, mode: int) -> torch.Tensor:
+        """The input-side factor of ΔW from the transformed ũ: ũ itself (standardised
+        coordinates), or, preconditioned, C⁻¹ applied to ũ taken back to the input's scale — so
+        that the untrained editor's update is along C⁻¹u, ROME's direction."""
+        if not self.precondition:
+            return u_new
+        u_scale = u_new * self.std[mode, : self.d_in] + self.mean[mode, : self.d_in]
+        return u_scale @ self.key_inverse[mode]
+
 
 class MENDNetwork(nn.Module):
     """The editor for a fixed set of weight matrices of one base model.
@@ -73,8 +93,15 @@ class MENDNetwork(nn.Module):
     ``step``: initial step size η of every matrix (learned in log space).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, step: float = 1e-4) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        rank: int,
+        step: float = 1e-4,
+        precondition: bool = False,
+    ) -> None:
         super().__init__()
+        self.precondition = bool(precondition)
         if not shapes:
             raise ValueError("a MEND network needs at least one matrix to edit")
         self.shapes = {name: (int(s[0]), int(s[1])) for name, s in shapes.items()}
@@ -88,7 +115,11 @@ class MENDNetwork(nn.Module):
         self.transforms = nn.ModuleDict(
             {
                 key: GradientTransform(
-                    self.shapes[names[0]][1], self.shapes[names[0]][0], len(names), rank
+                    self.shapes[names[0]][1],
+                    self.shapes[names[0]][0],
+                    len(names),
+                    rank,
+                    self.precondition,
                 )
                 for key, names in groups.items()
             }
@@ -119,6 +150,8 @@ class MENDNetwork(nn.Module):
             u = grads.inputs[name]
             d = grads.grads[name]
             u_new, d_new = self.transform(name, u[idx], d[idx])
+            key, mode = self.modes[name]
+            u_new = self.transforms[key].right_factor(u_new, mode)
             step = self.log_step[i].exp() * step_scale
             right = u.new_zeros(u.shape).index_put(idx, u_new)
             left = d.new_zeros(d.shape).index_put(idx, -step * d_new)
@@ -157,6 +190,22 @@ class MENDNetwork(nn.Module):
             transform.mean[mode] = mean.to(transform.mean.dtype)
             transform.std[mode] = std.to(transform.std.dtype)
         return count
+
+    @torch.no_grad()
+    def set_key_statistics(self, moments: dict[str, torch.Tensor], ridge: float) -> None:
+        """Preconditioned editors: store each matrix's (C + ridge · mean diag(C) · I)⁻¹, C the
+        second moment of its inputs (:func:`lmscalpel.stats.input_statistics`), times
+        mean diag(C) so that it is dimensionless (the identity for C = σ²I)."""
+        if not self.precondition:
+            raise ValueError("this editor was built without preconditioning")
+        for name in self.shapes:
+            moment = moments[name].double()
+            scale = moment.diagonal().mean()
+            eye = torch.eye(len(moment), dtype=moment.dtype)
+            inverse = torch.linalg.inv(moment + ridge * scale * eye) * scale
+            key, mode = self.modes[name]
+            transform = self.transforms[key]
+            transform.key_inverse[mode] = inverse.to(transform.key_inverse.dtype)
 
     def set_step(self, step: float) -> None:
         """Give every matrix the step size ``step``."""

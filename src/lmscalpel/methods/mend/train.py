@@ -51,6 +51,7 @@ from ...hooks import capture, resume_at
 from ...models.loaded import LoadedModel
 from ...requests import EditRequest
 from ...scoring import TeacherForcedBatch, build_batch, hidden_states
+from ...stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, input_statistics
 from ...tokens import encode_target
 from .edited import edited_forward
 from .grads import (
@@ -106,6 +107,10 @@ class MENDTrainConfig(MethodConfig):
     calibration_edits: int = 64
     max_train: int | None = 1000
     step_scales: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+    precondition: bool = True
+    ridge: float = 1e-3
+    stats_corpus: str = DEFAULT_CORPUS
+    stats_samples: int = DEFAULT_SAMPLES
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -415,7 +420,8 @@ def _harmonic(*values: float) -> float:
 def build_network(lm: LoadedModel, config: MENDTrainConfig) -> MENDNetwork:
     """An untrained editor for ``lm``'s chosen matrices (statistics not yet calibrated)."""
     names = edited_parameter_names(lm.adapter, config.layers, config.matrices)
-    return MENDNetwork({n: matrix_shape(lm, n) for n in names}, config.rank)
+    shapes = {n: matrix_shape(lm, n) for n in names}
+    return MENDNetwork(shapes, config.rank, precondition=config.precondition)
 
 
 def calibrate(
@@ -428,6 +434,9 @@ def calibrate(
     """Measure the (u, δ) statistics on ``requests`` and line-search the initial step size
     (on the first two batches, by the meta-training loss)."""
     names = network.parameter_names
+    if network.precondition:
+        found = input_statistics(lm, names, config.stats_corpus, config.stats_samples)
+        network.set_key_statistics({n: found[n].moment for n in names}, config.ridge)
     refs = []
     for chunk in _batches(requests, config.batch_size):
         mb = MetaBatch.build(lm, chunk)
