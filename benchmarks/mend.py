@@ -7,9 +7,11 @@ size, and ROME.
 
 Rows (single-edit protocol, each case edited on the pristine model and reverted):
 
-* ``mend`` — the trained editor;
+* ``mend`` — the trained editor, at the step scale chosen on held-out records when it was trained;
+* ``mend, step xS (NS-matched)`` — the same editor at the step scale whose held-out
+  neighbourhood success is closest to the untrained editor's (see :func:`locality_matched_row`);
 * ``mend (untrained)`` — the same network before meta-training (identity on standardised (u, δ),
-  the calibrated initial step size): what training adds;
+  preconditioned like the trained one, the calibrated initial step size): what training adds;
 * ``gradient step (same size)`` — the plain gradient of the edit loss, rescaled matrix by matrix to
   the trained editor's ΔW norm: what the learned direction adds;
 * ``rome`` — when the method is registered in this checkout;
@@ -57,6 +59,21 @@ def untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
     network = build_network(lm, config)
     calibration = calibrate(lm, network, train[: config.calibration_edits], config)
     return save_editor(network, lm, folder, {"untrained_of": str(trained), **calibration})
+
+
+def locality_matched_row(editor: Path, training: dict) -> list[MethodSpec]:
+    """The trained editor at the step scale whose held-out neighbourhood success (from the scan
+    made when it was trained) is closest to the untrained editor's: the two compared at equal
+    locality. Nothing when that is the default scale already."""
+    scan = {float(s): r for s, r in training.get("step_scale_scan", {}).items()}
+    floor = training.get("untrained_validation", {}).get("ns")
+    if not scan or floor is None:
+        return []
+    scale = min(scan, key=lambda s: (abs(scan[s]["ns"] - floor), -s))
+    if scale == training.get("step_scale", 1.0):
+        return []
+    config = {"editor": str(editor), "step_scale": scale}
+    return [MethodSpec("mend", config, label=f"mend, step x{scale} (NS-matched)")]
 
 
 def interleaved_timing(
@@ -122,6 +139,7 @@ def main() -> None:
             label="gradient step (same size)",
         ),
     ]
+    specs += locality_matched_row(args.editor, trained["training"])
     also = {}
     for item in args.also:
         label, _, folder = item.partition("=")

@@ -19,7 +19,14 @@ def digests(lm):
 def test_a_briefly_trained_editor_edits_the_embedded_model_and_reverts_exactly(smol, tmp_path):
     records = load_pool(size=80)
     config = MENDTrainConfig(
-        steps=12, batch_size=4, val_size=8, val_every=6, rank=32, calibration_edits=8, max_train=72
+        steps=12,
+        batch_size=4,
+        val_size=8,
+        val_every=6,
+        rank=32,
+        calibration_edits=8,
+        max_train=72,
+        stats_samples=4000,
     )
     before = digests(smol)
     result = train_mend(smol, records, config, progress=False)

@@ -100,12 +100,12 @@ class MENDTrainConfig(MethodConfig):
     edit_weight: float = 0.1
     loc_weight: float = 1.0
     grad_clip: float = 1.0
-    val_size: int = 48
+    val_size: int = 96
     val_every: int = 50
     patience: int = 6
     max_minutes: float | None = 25.0
     calibration_edits: int = 64
-    max_train: int | None = 1000
+    max_train: int | None = 2000
     step_scales: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
     precondition: bool = True
     ridge: float = 1e-3
