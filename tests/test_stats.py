@@ -44,17 +44,21 @@ def test_streaming_moment_equals_the_batch_formula():
     assert torch.allclose(acc.moment(), (keys.T @ keys).double() / 100, atol=1e-10)
 
 
+def corpus_inputs(lm, module: str) -> torch.Tensor:
+    """The inputs ``module`` sees over every token of the corpus, document by document."""
+    inputs = []
+    for doc in CORPUS:
+        ids = lm.tokenizer(doc, return_tensors="pt")["input_ids"]
+        with capture(lm.model, module, inputs=True) as seen:
+            lm.model(input_ids=ids)
+        inputs.append(seen[module].input[0])
+    return torch.cat(inputs)
+
+
 def test_statistics_equal_the_keys_of_every_corpus_token(tiny, corpus_file):
     layer = 1
     result = key_statistics(tiny, layer, corpus_file, samples=10_000, progress=False)
-    name = tiny.adapter.mlp_out_name(layer)
-    keys = []
-    for doc in CORPUS:
-        ids = tiny.tokenizer(doc, return_tensors="pt")["input_ids"]
-        with capture(tiny.model, name, inputs=True) as seen:
-            tiny.model(input_ids=ids)
-        keys.append(seen[name].input[0])
-    keys = torch.cat(keys)
+    keys = corpus_inputs(tiny, tiny.adapter.mlp_out_name(layer))
     assert result.count == len(keys)  # the corpus is smaller than asked: all of it is used
     expected = keys.T.double() @ keys.double() / len(keys)
     assert torch.allclose(result.moment.double(), expected, rtol=1e-4, atol=1e-5)
@@ -77,14 +81,7 @@ def test_input_statistics_of_several_weights_come_from_one_pass(
         handle.remove()
     n_batches = len(passes)
     for weight in weights:
-        module = weight.rpartition(".")[0]
-        inputs = []
-        for doc in CORPUS:
-            ids = lm.tokenizer(doc, return_tensors="pt")["input_ids"]
-            with capture(lm.model, module, inputs=True) as seen:
-                lm.model(input_ids=ids)
-            inputs.append(seen[module].input[0])
-        inputs = torch.cat(inputs)
+        inputs = corpus_inputs(lm, weight.rpartition(".")[0])
         assert result[weight].moment.shape == (a.matrix_shape(weight)[1],) * 2
         assert result[weight].layer == a.layer_of(weight)
         expected = inputs.T.double() @ inputs.double() / len(inputs)
