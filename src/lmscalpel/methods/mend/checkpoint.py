@@ -70,14 +70,23 @@ def save_editor(
     return folder
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
 def editor_digest(folder: str | os.PathLike) -> str:
     """SHA-256 of a saved editor's weights: which trained editor made an edit, whatever its
-    folder is called now."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / TENSOR_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    folder is called now. Remembered per file (path, inode, size, modification time), so that
+    edit after edit does not hash the same tens of megabytes again."""
+    path = Path(folder) / TENSOR_FILE
+    info = path.stat()
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def read_editor_config(folder: str | os.PathLike) -> dict[str, Any]:
