@@ -8,6 +8,7 @@ import torch
 from lmscalpel import stats
 from lmscalpel.config import ConfigError
 from lmscalpel.hooks import capture
+from lmscalpel.models.adapter import module_of
 from lmscalpel.stats import (
     SampledCorpus,
     SecondMoment,
@@ -81,7 +82,7 @@ def test_input_statistics_of_several_weights_come_from_one_pass(
         handle.remove()
     n_batches = len(passes)
     for weight in weights:
-        inputs = corpus_inputs(lm, weight.rpartition(".")[0])
+        inputs = corpus_inputs(lm, module_of(weight))
         assert result[weight].moment.shape == (a.matrix_shape(weight)[1],) * 2
         assert result[weight].layer == a.layer_of(weight)
         expected = inputs.T.double() @ inputs.double() / len(inputs)

@@ -39,6 +39,7 @@ from transformers import GenerationConfig
 from .config import ConfigError
 from .files import atomic_path
 from .hooks import capture
+from .models.adapter import module_of
 from .models.loaded import LoadedModel
 from .models.loading import lmscalpel_home
 from .scoring import pad_token_id, right_padded
@@ -443,7 +444,7 @@ def _accumulate(
     max_length: int,
     progress: bool,
 ) -> dict[str, SecondMoment]:
-    modules = {weight: weight.rpartition(".")[0] for weight in weights}
+    modules = {weight: module_of(weight) for weight in weights}
     accumulators = {w: SecondMoment(lm.adapter.matrix_shape(w)[1]) for w in weights}
     rows = corpus.rows(lm, max_length)
     layers = sorted({lm.adapter.layer_of(w) for w in weights})

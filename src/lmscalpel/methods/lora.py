@@ -21,6 +21,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 
 from ..config import ConfigError, MethodConfig
+from ..models.adapter import module_of
 from ..models.loaded import LoadedModel
 from ..patch import ParameterDelta, Patch, PatchError
 from ..requests import EditRequest
@@ -81,7 +82,7 @@ class LoRA(Editor):
         self, lm: LoadedModel, requests: Sequence[EditRequest], config: LoRAConfig
     ) -> Patch:
         names = tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
-        modules = [n.rpartition(".")[0] for n in names]
+        modules = [module_of(n) for n in names]
         transposed = {lm.adapter.is_transposed(n) for n in names}
         if len(transposed) > 1:
             raise ConfigError("LoRA cannot mix transposed (Conv1D) and plain matrices")

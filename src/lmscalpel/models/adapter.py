@@ -286,6 +286,11 @@ class ModelAdapter:
         return f"ModelAdapter(model_type={self.model_type!r}, layers={self.num_layers})"
 
 
+def module_of(param_name: str) -> str:
+    """``"model.layers.3.mlp.down_proj.weight"`` -> ``"model.layers.3.mlp.down_proj"``."""
+    return param_name.rpartition(".")[0]
+
+
 def first_tensor(output: object) -> torch.Tensor:
     """The hidden-state tensor of a module output that may be a tensor or a tuple."""
     if isinstance(output, torch.Tensor):

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from ...config import ConfigError
 from ...models.loaded import LoadedModel
-from .grads import matrix_shape
 from .network import MENDNetwork
 
 FORMAT = "lmscalpel-editor"
@@ -123,7 +122,7 @@ def load_editor(folder: str | os.PathLike, lm: LoadedModel | None = None) -> MEN
             )
         for name, shape in shapes.items():
             try:
-                actual = matrix_shape(lm, name)
+                actual = lm.adapter.matrix_shape(name)
             except AttributeError:
                 raise EditorCheckpointError(f"{folder}: this model has no weight {name}") from None
             if tuple(actual) != shape:

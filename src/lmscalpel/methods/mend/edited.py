@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 
 from ...hooks import edit_outputs
+from ...models.adapter import module_of
 from ...models.loaded import LoadedModel
-from .grads import module_of
 from .network import LowRank
 
 

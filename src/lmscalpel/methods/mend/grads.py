@@ -27,7 +27,7 @@ from torch import nn
 
 from ...config import ConfigError
 from ...hooks import Captured
-from ...models.adapter import ModelAdapter, first_tensor, replace_first_tensor
+from ...models.adapter import ModelAdapter, first_tensor, module_of, replace_first_tensor
 from ...models.loaded import LoadedModel
 from ...requests import EditRequest
 from ...scoring import TeacherForcedBatch, build_batch, hidden_states
@@ -55,16 +55,6 @@ def lowest_layer(adapter: ModelAdapter, param_names: Sequence[str]) -> int:
     if not param_names:
         raise ValueError("no parameter names given")
     return min(adapter.layer_of(name) for name in param_names)
-
-
-def module_of(param_name: str) -> str:
-    """``"model.layers.3.mlp.down_proj.weight"`` -> ``"model.layers.3.mlp.down_proj"``."""
-    return param_name.rpartition(".")[0]
-
-
-def matrix_shape(lm: LoadedModel, param_name: str) -> tuple[int, int]:
-    """(out, in) of a weight, whatever its storage layout."""
-    return lm.adapter.matrix_shape(param_name)
 
 
 @dataclass

@@ -58,7 +58,6 @@ from .grads import (
     TokenGrads,
     edited_parameter_names,
     lowest_layer,
-    matrix_shape,
     pair_means,
     record_io,
     scored_logprobs,
@@ -420,7 +419,7 @@ def _harmonic(*values: float) -> float:
 def build_network(lm: LoadedModel, config: MENDTrainConfig) -> MENDNetwork:
     """An untrained editor for ``lm``'s chosen matrices (statistics not yet calibrated)."""
     names = edited_parameter_names(lm.adapter, config.layers, config.matrices)
-    shapes = {n: matrix_shape(lm, n) for n in names}
+    shapes = {n: lm.adapter.matrix_shape(n) for n in names}
     return MENDNetwork(shapes, config.rank, precondition=config.precondition)
 
 
