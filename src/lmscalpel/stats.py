@@ -465,11 +465,10 @@ def _accumulate(
                 ) as seen,
             ):
                 lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            taken = 0
+            valid = mask.bool()
+            taken = min(int(valid.sum()), samples - count)
             for weight, module in modules.items():
-                keys = seen[module].input[mask.bool()][: samples - count]
-                accumulators[weight].add(keys)
-                taken = len(keys)
+                accumulators[weight].add(seen[module].input[valid][:taken])
             count += taken
             bar.update(taken)
     return accumulators

@@ -331,10 +331,10 @@ def meta_loss(
     loc_loss = kl_tokens.mean() if len(kl_tokens) else edit_loss.new_zeros(())
     loss = config.edit_weight * edit_loss + config.loc_weight * loc_loss
     wins = _wins(mb, mean_logprob.detach(), exact)
-    if (role == LOCALITY).any() and bool((mb.partner[mb.role == LOCALITY] < 0).any()):
-        neighbours = _neighbour_kept(mb, logprobs[is_loc])  # no contrast pairs: first tokens
-    else:
-        neighbours = wins[role == LOCALITY].float()
+    if bool((mb.partner[mb.role == LOCALITY] >= 0).all()):
+        neighbours = wins[role == LOCALITY]
+    else:  # training batches carry no contrast pairs: judge neighbours by first tokens
+        neighbours = _neighbour_kept(mb, logprobs[is_loc])
     stats = {
         "loss": float(loss.detach()),
         "nll": float(edit_loss.detach()),
