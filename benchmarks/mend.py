@@ -41,12 +41,12 @@ from lmscalpel.methods.mend import (
     read_editor_config,
     save_editor,
 )
-from lmscalpel.methods.mend.train import build_network, calibrate, split_records
+from lmscalpel.methods.mend.train import split_records, untrained_editor
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
+def save_untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
     """The trained editor's starting point: same matrices, statistics and initial step size."""
     meta = read_editor_config(trained)
     if (folder / "editor.json").is_file():
@@ -55,9 +55,7 @@ def untrained_editor(lm: ls.LoadedModel, trained: Path, folder: Path) -> Path:
     config = MENDTrainConfig.from_dict(training["config"], lm.model_type)
     records = [r for case in read_dataset(training["data"]).cases for r in case.requests]
     train, _ = split_records(records, config)
-    torch.manual_seed(config.seed)
-    network = build_network(lm, config)
-    calibration = calibrate(lm, network, train[: config.calibration_edits], config)
+    network, calibration = untrained_editor(lm, train, config)
     return save_editor(network, lm, folder, {"untrained_of": str(trained), **calibration})
 
 
@@ -129,7 +127,7 @@ def main() -> None:
     lm = ls.load_model()
     trained = read_editor_config(args.editor)
     digest = editor_digest(args.editor)[:12]
-    untrained = untrained_editor(lm, args.editor, args.out / f"untrained-of-{digest}")
+    untrained = save_untrained_editor(lm, args.editor, args.out / f"untrained-of-{digest}")
     specs = [
         MethodSpec("mend", {"editor": str(args.editor)}, label="mend"),
         MethodSpec("mend", {"editor": str(untrained)}, label="mend (untrained)"),

@@ -23,15 +23,9 @@ import torch
 
 import lmscalpel as ls
 from lmscalpel.evaluation import read_dataset
-from lmscalpel.methods.mend import MENDTrainConfig
+from lmscalpel.methods.mend import MENDTrainConfig, edited_parameter_names
 from lmscalpel.methods.mend.grads import lowest_layer
-from lmscalpel.methods.mend.train import (
-    LowerCache,
-    build_network,
-    calibrate,
-    split_records,
-    validate,
-)
+from lmscalpel.methods.mend.train import LowerCache, split_records, untrained_editor, validate
 
 RESULTS = Path(__file__).parent / "results"
 SCALES = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0)
@@ -52,11 +46,10 @@ def main() -> None:
     for precondition in (False, True):
         config = MENDTrainConfig(precondition=precondition)
         train, val = split_records(records, config)
-        torch.manual_seed(config.seed)
-        network = build_network(lm, config)
-        if cache is None:
-            cache = LowerCache(lm, lowest_layer(lm.adapter, network.parameter_names))
-        calibration = calibrate(lm, network, train[: config.calibration_edits], config, cache)
+        if cache is None:  # both editors edit the same weights: one cache of the blocks below
+            names = edited_parameter_names(lm.adapter, config.layers, config.matrices)
+            cache = LowerCache(lm, lowest_layer(lm.adapter, names))
+        network, calibration = untrained_editor(lm, train, config, cache)
         for scale in SCALES:
             result = validate(lm, network, val, config, step_scale=scale, cache=cache)
             rows.append(

@@ -423,6 +423,21 @@ def build_network(lm: LoadedModel, config: MENDTrainConfig) -> MENDNetwork:
     return MENDNetwork(shapes, config.rank, precondition=config.precondition)
 
 
+def untrained_editor(
+    lm: LoadedModel,
+    train: Sequence[EditRequest],
+    config: MENDTrainConfig,
+    cache: LowerCache | None = None,
+) -> tuple[MENDNetwork, dict[str, Any]]:
+    """The editor meta-training starts from (seeded, calibrated on the first
+    ``calibration_edits`` training records) and its calibration record: what
+    :func:`train_mend` trains, and the baseline benchmarks compare it with."""
+    torch.manual_seed(config.seed)
+    network = build_network(lm, config)
+    calibration = calibrate(lm, network, train[: config.calibration_edits], config, cache)
+    return network, calibration
+
+
 def calibrate(
     lm: LoadedModel,
     network: MENDNetwork,
@@ -547,10 +562,9 @@ def train_mend(
     start = time.monotonic()
     deadline = start + 60 * config.max_minutes if config.max_minutes is not None else math.inf
     train, val = split_records(requests, config)
-    torch.manual_seed(config.seed)
-    network = build_network(lm, config)
-    cache = LowerCache(lm, lowest_layer(lm.adapter, network.parameter_names))
-    calibration = calibrate(lm, network, train[: config.calibration_edits], config, cache)
+    names = edited_parameter_names(lm.adapter, config.layers, config.matrices)
+    cache = LowerCache(lm, lowest_layer(lm.adapter, names))
+    network, calibration = untrained_editor(lm, train, config, cache)
     unedited = validate(lm, network, val, config, step_scale=0.0, cache=cache)
     log.info("unedited model on %d held-out edits: %s", len(val), _fmt(unedited))
     untrained = validate(lm, network, val, config, cache=cache)
