@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from lmscalpel.hooks import capture
 from lmscalpel.models import (
     ArchitectureSpec,
     ModelAdapter,
@@ -9,6 +8,7 @@ from lmscalpel.models import (
     register_architecture,
     supported_model_types,
 )
+from lmscalpel.runtime.hooks import capture
 from lmscalpel.testing import TINY_MODEL_TYPES, tiny_model
 
 REQUIRED = {"llama", "mistral", "qwen2", "gemma3", "gemma3_text", "gpt2", "gptj", "gpt_neox"}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lmscalpel.anchored import AnchoredBatch, AnchoredRow, AnchoredRun
-from lmscalpel.hooks import add_at_positions
+from lmscalpel.mechanics.anchored import AnchoredBatch, AnchoredRow, AnchoredRun
+from lmscalpel.runtime.hooks import add_at_positions
 from lmscalpel.scoring import score_targets
 from lmscalpel.tokens import encode_prompt, subject_last_token
 

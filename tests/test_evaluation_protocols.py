@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmscalpel import EditRequest, LocalityProbe, PortabilityProbe, score_targets
-from lmscalpel.config import MethodConfig
+from lmscalpel.core.config import MethodConfig
 from lmscalpel.evaluation import EvalCase, EvalOptions, EvaluationError, compare, evaluate
 from lmscalpel.methods import base
 from lmscalpel.patch import Patch

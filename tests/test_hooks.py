@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmscalpel.hooks import add_at_positions, capture, edit_output, edit_outputs
+from lmscalpel.runtime.hooks import add_at_positions, capture, edit_output, edit_outputs
 
 
 def _ids(lm, text="The Eiffel Tower is located in"):
@@ -84,7 +84,7 @@ def test_capture_with_stop_skips_the_upper_layers(tiny):
 
 
 def test_replace_at_positions_writes_one_position_per_chosen_row(tiny):
-    from lmscalpel.hooks import replace_at_positions
+    from lmscalpel.runtime.hooks import replace_at_positions
 
     hidden = torch.zeros(3, 5, 4)
     out = replace_at_positions(torch.ones(4), [1, 3])(hidden)
@@ -96,7 +96,7 @@ def test_replace_at_positions_writes_one_position_per_chosen_row(tiny):
 
 
 def test_resume_at_skips_the_lower_blocks_and_gives_the_same_result(any_tiny):
-    from lmscalpel.hooks import resume_at
+    from lmscalpel.runtime.hooks import resume_at
     from lmscalpel.scoring import hidden_states
 
     lm, a = any_tiny, any_tiny.adapter

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from lmscalpel import EditRequest, LocalityProbe, edit, score_targets
-from lmscalpel.config import ConfigError
+from lmscalpel.core.config import ConfigError
+from lmscalpel.data.cases import cases_from_requests
 from lmscalpel.evaluation import EvalOptions, EvaluationError, MethodSpec, compare
 from lmscalpel.evaluation.aggregate import case_metrics
-from lmscalpel.evaluation.cases import cases_from_requests
 from lmscalpel.evaluation.measure import measure
+from lmscalpel.mechanics.stats import input_statistics
 from lmscalpel.methods.mend import (
     EditorCheckpointError,
     MENDConfig,
@@ -40,7 +41,6 @@ from lmscalpel.methods.mend.train import (
     validate,
 )
 from lmscalpel.scoring import build_batch, token_logprobs
-from lmscalpel.stats import input_statistics
 from lmscalpel.testing import tiny_model
 
 EIFFEL = EditRequest(

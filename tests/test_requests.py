@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmscalpel import EditRequest, EditRequestError, LocalityProbe, PortabilityProbe, edit
-from lmscalpel.requests import load_requests, save_requests
+from lmscalpel.core.requests import load_requests, save_requests
 
 
 def make(**kw):

@@ -4,21 +4,21 @@ import pytest
 import torch
 
 from lmscalpel import EditRequest, edit, score_targets
-from lmscalpel import prefixes as prefixes_module
-from lmscalpel import stats as stats_module
-from lmscalpel.anchored import AnchoredBatch, AnchoredRun
-from lmscalpel.config import ConfigError
-from lmscalpel.keys_values import (
+from lmscalpel.core.config import ConfigError
+from lmscalpel.mechanics import prefixes as prefixes_module
+from lmscalpel.mechanics import stats as stats_module
+from lmscalpel.mechanics.anchored import AnchoredBatch, AnchoredRun
+from lmscalpel.mechanics.keys_values import (
     ValueOptions,
     compute_keys,
     context_rows,
     injection_scales,
     optimise_value,
 )
+from lmscalpel.mechanics.prefixes import context_prefixes
+from lmscalpel.mechanics.stats import key_statistics
 from lmscalpel.methods import get_editor, rome
 from lmscalpel.methods.rome import ROMEConfig, rank_one_edit, rank_one_update
-from lmscalpel.prefixes import context_prefixes
-from lmscalpel.stats import key_statistics
 from lmscalpel.testing import tiny_model
 
 REQUEST = EditRequest(
@@ -81,7 +81,7 @@ def test_the_patched_matrix_maps_k_star_to_v_star(model_type):
     layer = config.edit_layer(lm.adapter.num_layers)
     prefixes = context_prefixes(lm, config.prefixes, config.prefix_length)
     stats = key_statistics(lm, layer, samples=config.stats_samples, progress=False)
-    change = rank_one_edit(lm, layer, REQUEST, prefixes, stats, config.value_options())
+    change = rank_one_edit(lm, layer, REQUEST, prefixes, stats, config)
     module = lm.adapter.mlp_out(layer)
     c_inv_key = stats.solve(change.key)
     torch.manual_seed(1)
@@ -235,7 +235,7 @@ def test_prepare_caches_prefixes_and_statistics_before_any_edit(tiny, tmp_path):
 
 
 def test_the_default_layer_is_the_traced_mlp_peak_when_the_model_was_traced(tiny):
-    from lmscalpel.locate.peaks import MIN_FACTS, record_peak, traced_peak
+    from lmscalpel.mechanics.peaks import MIN_FACTS, record_peak, traced_peak
 
     config = ROMEConfig(default_depth=0.5)
     assert traced_peak(tiny.fingerprint) is None
@@ -254,7 +254,7 @@ def test_the_default_layer_is_the_traced_mlp_peak_when_the_model_was_traced(tiny
 
 
 def test_the_embedded_model_edits_its_traced_peak():
-    from lmscalpel.locate.peaks import traced_peak
+    from lmscalpel.mechanics.peaks import traced_peak
 
     # the embedded SmolLM2-135M's fingerprint (test_rome_real checks it on the real model) and
     # the peak of its 100-fact aggregate in docs/causal_tracing.md

@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lmscalpel import stats as stats_module
 from lmscalpel.cli import app
+from lmscalpel.mechanics import stats as stats_module
 from lmscalpel.testing import CORPUS
 
 runner = CliRunner()

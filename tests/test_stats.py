@@ -5,11 +5,9 @@ import json
 import pytest
 import torch
 
-from lmscalpel import stats
-from lmscalpel.config import ConfigError
-from lmscalpel.hooks import capture
-from lmscalpel.models.adapter import module_of
-from lmscalpel.stats import (
+from lmscalpel.core.config import ConfigError
+from lmscalpel.mechanics import stats
+from lmscalpel.mechanics.stats import (
     SampledCorpus,
     SecondMoment,
     TextCorpus,
@@ -18,6 +16,8 @@ from lmscalpel.stats import (
     resolve_corpus,
     statistics_path,
 )
+from lmscalpel.models.adapter import module_of
+from lmscalpel.runtime.hooks import capture
 from lmscalpel.testing import CORPUS, tiny_model
 
 

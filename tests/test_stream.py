@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmscalpel.stream import (
+from lmscalpel.runtime.stream import (
     ReplayMismatchError,
     check_replay,
     final_logits,

@@ -7,7 +7,6 @@ import torch
 from typer.testing import CliRunner
 
 from lmscalpel.cli import app
-from lmscalpel.hooks import edit_output, edit_outputs, replace_at_positions
 from lmscalpel.locate import (
     TraceResult,
     TracingError,
@@ -26,6 +25,7 @@ from lmscalpel.locate.aggregate import (
     traced_positions,
 )
 from lmscalpel.locate.tracing import noise_draws
+from lmscalpel.runtime.hooks import edit_output, edit_outputs, replace_at_positions
 from lmscalpel.testing import tiny_model
 from lmscalpel.tokens import encode_prompt, subject_token_positions
 

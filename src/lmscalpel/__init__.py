@@ -8,14 +8,8 @@ patch = ls.edit(lm, request, method="ft-l") # applied; patch.revert() undoes it 
 patch.save("eiffel.patch")
 """
 
-__version__ = "0.1.0"
-
-from .config import ConfigError, MethodConfig
-from .editing import edit, validate_requests
-from .methods import available_methods, get_editor
-from .models import LoadedModel, load_model, wrap_model
-from .patch import Patch, PatchError, PatchMismatchError
-from .requests import (
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import (
     EditRequest,
     EditRequestError,
     LocalityProbe,
@@ -23,7 +17,12 @@ from .requests import (
     load_requests,
     save_requests,
 )
-from .scoring import TargetScore, generate, score_targets, top_tokens
+from lmscalpel.core.version import __version__
+from lmscalpel.editing import edit, validate_requests
+from lmscalpel.methods import available_methods, get_editor
+from lmscalpel.models import LoadedModel, load_model, wrap_model
+from lmscalpel.patch import Patch, PatchError, PatchMismatchError
+from lmscalpel.scoring import TargetScore, generate, score_targets, top_tokens
 
 __all__ = [
     "ConfigError",

@@ -6,12 +6,12 @@ import time
 
 from rich.console import Console
 
-from .editing import edit
-from .methods import available_methods, get_editor
-from .models import load_model
-from .models.fingerprint import tensor_digest
-from .report import before_after_table, probe, probes_for
-from .requests import EditRequest, LocalityProbe
+from lmscalpel.core.requests import EditRequest, LocalityProbe
+from lmscalpel.editing import edit
+from lmscalpel.methods import available_methods, get_editor
+from lmscalpel.models import load_model
+from lmscalpel.models.fingerprint import tensor_digest
+from lmscalpel.report import before_after_table, probe, probes_for
 
 DEMO_REQUEST = EditRequest(
     prompt="The Eiffel Tower is located in the city of",

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, MethodConfig
-from .methods import Editor, get_editor
-from .models.loaded import LoadedModel
-from .patch import Patch
-from .requests import EditRequest, EditRequestError, as_requests
-from .tokens import SubjectNotFoundError, subject_token_positions
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest, EditRequestError, as_requests
+from lmscalpel.methods import Editor, get_editor
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import Patch
+from lmscalpel.tokens import SubjectNotFoundError, subject_token_positions
 
 
 def validate_requests(lm: LoadedModel, requests: Sequence[EditRequest]) -> None:

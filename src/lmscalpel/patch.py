@@ -31,9 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models.fingerprint import tensor_digest
-from .models.loaded import LoadedModel
-from .requests import EditRequest
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.core.version import __version__
+from lmscalpel.models.fingerprint import tensor_digest
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.models.rewriters import has_rewriter
 
 FORMAT_VERSION = 1
 META_FILE = "patch.json"
@@ -295,9 +297,7 @@ class Patch:
     def _apply_context(self, target: LoadedModel | nn.Module) -> Patch:
         if not isinstance(target, LoadedModel):
             raise PatchError("an in-context patch applies to a LoadedModel, not a bare module")
-        from .methods import editor_class  # late: methods build their own rewriters
-
-        if editor_class(self.method).kind != "context":
+        if not has_rewriter(self.method):
             raise PatchError(f"method {self.method!r} does not make in-context patches")
         target.context_patches.append(self)
         try:
@@ -310,7 +310,6 @@ class Patch:
 
     # ---- persistence -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        from . import __version__
 
         return {
             "format": "lmscalpel-patch",

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from .models.loaded import LoadedModel
-from .requests import EditRequest
-from .scoring import generate, score_targets
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.scoring import generate, score_targets
 
 
 @dataclass(frozen=True)

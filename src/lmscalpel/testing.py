@@ -21,8 +21,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from .models.loaded import LoadedModel
-from .models.loading import wrap_model
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.models.loading import wrap_model
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",

@@ -5,7 +5,7 @@ so a target is tokenized the same way when it is trained and when it is measured
 
 from __future__ import annotations
 
-from .models.loaded import LoadedModel
+from lmscalpel.models.loaded import LoadedModel
 
 
 class SubjectNotFoundError(ValueError):

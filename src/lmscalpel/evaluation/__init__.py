@@ -16,13 +16,20 @@ Modules, one idea each: :mod:`.metrics` (definitions), :mod:`.cases` and :mod:`.
 :mod:`.resources` (time and peak memory of edits). See docs/evaluation.md.
 """
 
-from .aggregate import aggregate, case_metrics
-from .cases import EvalCase, select_cases
-from .datasets import LAYOUTS, Dataset, DatasetError, RecordProblem, load_cases, read_dataset
-from .measure import measure
-from .options import PROTOCOLS, EvalOptions, EvaluationError
-from .report import console_table, markdown_table
-from .runner import BASELINE, MethodSpec, Summary, compare, evaluate
+from lmscalpel.data.cases import EvalCase, select_cases
+from lmscalpel.data.datasets import (
+    LAYOUTS,
+    Dataset,
+    DatasetError,
+    RecordProblem,
+    load_cases,
+    read_dataset,
+)
+from lmscalpel.evaluation.aggregate import aggregate, case_metrics
+from lmscalpel.evaluation.measure import measure
+from lmscalpel.evaluation.options import PROTOCOLS, EvalOptions, EvaluationError
+from lmscalpel.evaluation.report import console_table, markdown_table
+from lmscalpel.evaluation.runner import BASELINE, MethodSpec, Summary, compare, evaluate
 
 __all__ = [
     "BASELINE",

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import metrics
+from lmscalpel.evaluation import metrics
 
 RESOURCE_KEYS = ("seconds_per_edit", "peak_memory_mb", "memory_overhead_mb")
 

@@ -25,12 +25,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..models.loaded import LoadedModel
-from ..scoring import TargetScore, generate, score_targets
-from ..tokens import encode_target
-from . import metrics
-from .cases import EvalCase
-from .options import EvalOptions
+from lmscalpel.data.cases import EvalCase
+from lmscalpel.evaluation import metrics
+from lmscalpel.evaluation.options import EvalOptions
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.scoring import TargetScore, generate, score_targets
+from lmscalpel.tokens import encode_target
 
 MAX_MATCH_TOKENS = 32
 

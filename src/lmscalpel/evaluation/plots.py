@@ -11,11 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .report import header
-from .store import atomic_write_bytes
+from lmscalpel.evaluation.report import header
+from lmscalpel.evaluation.store import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .runner import Summary
+    from lmscalpel.evaluation.runner import Summary
 
 RATES = ("ES", "PS", "NS", "score", "edit_acc", "exact_match", "locality_unchanged", "portability")
 MARKERS = ("o", "s", "^", "D", "v")

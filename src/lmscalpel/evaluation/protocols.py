@@ -30,18 +30,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import MethodConfig
-from ..methods.base import Editor
-from ..models.fingerprint import model_fingerprint, tensor_digest
-from ..models.loaded import LoadedModel
-from ..patch import Patch
-from ..requests import EditRequest
-from .aggregate import aggregate, case_metrics
-from .cases import EvalCase
-from .measure import measure, measure_fluency
-from .options import EvalOptions, EvaluationError
-from .resources import ResourceMeter, Usage
-from .store import RunStore, atomic_write_json
+from lmscalpel.core.config import MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.data.cases import EvalCase
+from lmscalpel.evaluation.aggregate import aggregate, case_metrics
+from lmscalpel.evaluation.measure import measure, measure_fluency
+from lmscalpel.evaluation.options import EvalOptions, EvaluationError
+from lmscalpel.evaluation.resources import ResourceMeter, Usage
+from lmscalpel.evaluation.store import RunStore, atomic_write_json
+from lmscalpel.methods.base import Editor
+from lmscalpel.models.fingerprint import model_fingerprint, tensor_digest
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import Patch
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .runner import Summary
+    from lmscalpel.evaluation.runner import Summary
 
 ORDER = (
     "n_cases",

@@ -30,18 +30,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import MethodConfig
-from ..editing import validate_requests
-from ..methods import get_editor
-from ..models.loaded import LoadedModel
-from ..requests import EditRequestError
-from .aggregate import aggregate, case_metrics, resource_columns
-from .cases import EvalCase
-from .measure import measure
-from .options import EvalOptions, EvaluationError
-from .protocols import PROTOCOL_RUNNERS, clear_state
-from .report import markdown_table
-from .store import RunStore, atomic_write_json, atomic_write_text
+from lmscalpel.core.config import MethodConfig
+from lmscalpel.core.requests import EditRequestError
+from lmscalpel.data.cases import EvalCase
+from lmscalpel.editing import validate_requests
+from lmscalpel.evaluation.aggregate import aggregate, case_metrics, resource_columns
+from lmscalpel.evaluation.measure import measure
+from lmscalpel.evaluation.options import EvalOptions, EvaluationError
+from lmscalpel.evaluation.protocols import PROTOCOL_RUNNERS, clear_state
+from lmscalpel.evaluation.report import markdown_table
+from lmscalpel.evaluation.store import RunStore, atomic_write_json, atomic_write_text
+from lmscalpel.methods import get_editor
+from lmscalpel.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def _prepare_folder(store: RunStore, overwrite: bool) -> None:
 
 def write_outputs(summary: Summary, store: RunStore) -> None:
     """summary.json, table.md and the plots, each written atomically."""
-    from .plots import plot_metrics, plot_retention
+    from lmscalpel.evaluation.plots import plot_metrics, plot_retention
 
     atomic_write_json(store.root / "summary.json", summary.to_dict())
     atomic_write_text(store.root / "table.md", summary.markdown())

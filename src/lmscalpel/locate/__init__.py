@@ -1,7 +1,7 @@
 """Locating knowledge: causal tracing (Meng et al. 2022) and its plots and aggregates."""
 
-from .noise import default_knowns_path, embedding_std, noise_level
-from .tracing import (
+from lmscalpel.locate.noise import default_knowns_path, embedding_std, noise_level
+from lmscalpel.locate.tracing import (
     KINDS,
     TraceResult,
     TracingError,

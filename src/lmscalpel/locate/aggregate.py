@@ -24,16 +24,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.loaded import LoadedModel
-from ..scoring import next_token_logprobs
-from ..tokens import (
+from lmscalpel.locate.noise import noise_level
+from lmscalpel.locate.tracing import (
+    DEFAULT_SAMPLES,
+    KINDS,
+    TraceResult,
+    TracingError,
+    default_window,
+    trace,
+)
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.scoring import next_token_logprobs
+from lmscalpel.tokens import (
     SubjectNotFoundError,
     encode_prompt,
     encode_target,
     subject_token_positions,
 )
-from .noise import noise_level
-from .tracing import DEFAULT_SAMPLES, KINDS, TraceResult, TracingError, default_window, trace
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write_json
-from ..models.loaded import LoadedModel
-from ..models.loading import lmscalpel_home
-from ..tokens import SubjectNotFoundError, encode_prompt, subject_token_positions
+from lmscalpel.core.files import atomic_write_json
+from lmscalpel.core.paths import lmscalpel_home
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.tokens import SubjectNotFoundError, encode_prompt, subject_token_positions
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ The indirect effect of a state is P_restored - P_corrupted. Three kinds of state
 - ``attn``: the attention outputs of the same window.
 
 Speed. Restoring at layer ``l`` cannot change layers below it, so each restoration resumes the
-corrupted forward pass at the first restored layer (:mod:`lmscalpel.stream`) instead of
+corrupted forward pass at the first restored layer (:mod:`lmscalpel.runtime.stream`) instead of
 re-running the whole model; all (token, noise draw) rows of one layer run as one batch (chunked
 to at most ``batch_tokens`` tokens); tokens before the subject are identical in the clean and
 corrupted runs, so restoring them is a no-op that is not computed; and the LM head runs at the
@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..hooks import capture, edit_output, edit_outputs, replace_at_positions
-from ..models.loaded import LoadedModel
-from ..stream import (
+from lmscalpel.locate.noise import noise_level
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture, edit_output, edit_outputs, replace_at_positions
+from lmscalpel.runtime.stream import (
     ResidualStream,
     check_replay,
     final_logits,
@@ -48,8 +49,7 @@ from ..stream import (
     record_stream,
     run_layers,
 )
-from ..tokens import encode_prompt, encode_target, subject_token_positions
-from .noise import noise_level
+from lmscalpel.tokens import encode_prompt, encode_target, subject_token_positions
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from . import ft, ike, lora, mend, rome
-from .base import (
+from lmscalpel.methods import ft, ike, lora, mend, rome
+from lmscalpel.methods.base import (
     Editor,
     available_methods,
     editor_class,

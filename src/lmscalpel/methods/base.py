@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import ConfigError, MethodConfig
-from ..models.loaded import LoadedModel, PromptRewriter
-from ..patch import Patch, PatchError
-from ..requests import EditRequest
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.models.rewriters import PromptRewriter, register_rewriter
+from lmscalpel.patch import Patch, PatchError
 
 
 class Editor(ABC):
@@ -79,6 +80,8 @@ def register(cls: type[Editor]) -> type[Editor]:
     if not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__} has no name")
     _REGISTRY[cls.name] = cls
+    if cls.kind == "context":
+        register_rewriter(cls.name, lambda patches, lm: cls().build_rewriter(patches, lm))
     return cls
 
 

@@ -24,12 +24,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..config import MethodConfig
-from ..models.loaded import LoadedModel
-from ..patch import ParameterDelta, Patch, weight_snapshot
-from ..requests import EditRequest
-from ..scoring import build_batch, token_logprobs
-from .base import Editor, register, resolve_layers
+from lmscalpel.core.config import MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.methods.base import Editor, register, resolve_layers
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import ParameterDelta, Patch, weight_snapshot
+from lmscalpel.scoring import build_batch, token_logprobs
 
 log = logging.getLogger(__name__)
 

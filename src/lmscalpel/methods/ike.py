@@ -45,13 +45,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import ConfigError, MethodConfig
-from ..models.loaded import LoadedModel, Message
-from ..patch import Patch, PatchError
-from ..requests import EditRequest, EditRequestError
-from ..retrieval import DEFAULT_ENCODER, load_encoder, most_similar
-from ..tokens import target_text
-from .base import Editor, register
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest, EditRequestError
+from lmscalpel.data.datasets import read_dataset
+from lmscalpel.methods.base import Editor, register
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.models.rewriters import Message
+from lmscalpel.patch import Patch, PatchError
+from lmscalpel.retrieval import DEFAULT_ENCODER, load_encoder, most_similar
+from lmscalpel.tokens import target_text
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +208,6 @@ def default_pool_path() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _read_pool(path: Path, mtime: float) -> tuple[EditRequest, ...]:
-    from ..evaluation.datasets import read_dataset  # late: evaluation imports the methods
-
     cases = read_dataset(path).cases
     return tuple(r for case in cases for r in case.requests if r.paraphrases and r.locality)
 

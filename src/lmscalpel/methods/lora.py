@@ -20,13 +20,13 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from ..config import ConfigError, MethodConfig
-from ..models.adapter import module_of
-from ..models.loaded import LoadedModel
-from ..patch import ParameterDelta, Patch, PatchError
-from ..requests import EditRequest
-from .base import Editor, register
-from .ft import fit, tuned_weight_names
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.methods.base import Editor, register
+from lmscalpel.methods.ft import fit, tuned_weight_names
+from lmscalpel.models.adapter import module_of
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import ParameterDelta, Patch, PatchError
 
 ADAPTER = "lmscalpel"
 

@@ -12,16 +12,15 @@ possible on average:
 with C = E[k kᵀ] the second moment of keys over text (identity when statistics are off). Then
 W' k* = v* exactly, and W' k = W k for every key with kᵀC⁻¹k* = 0.
 
-Here: k* and v* come from :mod:`lmscalpel.keys_values` (k* averaged over the prompt behind short
-generated context prefixes, :mod:`lmscalpel.prefixes`; v* = W k* + δ with δ optimised at the
-subject's last token), C from :mod:`lmscalpel.stats`, and the patch stores the two rank-one
+Here: k* and v* come from :mod:`lmscalpel.mechanics.keys_values` (k* averaged over the prompt behind short
+generated context prefixes, :mod:`lmscalpel.mechanics.prefixes`; v* = W k* + δ with δ optimised at the
+subject's last token), C from :mod:`lmscalpel.mechanics.stats`, and the patch stores the two rank-one
 factors per request (a batch of requests is applied one after another, as in the paper's code,
 and stored as one rank-r delta). docs/rome.md explains the choices and their measurements.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -30,15 +29,15 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ConfigError, MethodConfig
-from ..keys_values import ValueOptions, ValueResult, optimise_value
-from ..locate.peaks import traced_peak
-from ..models.loaded import LoadedModel
-from ..patch import ParameterDelta, Patch, weight_snapshot
-from ..prefixes import context_prefixes
-from ..requests import EditRequest
-from ..stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, KeyStatistics, key_statistics
-from .base import Editor, register, resolve_layers
+from lmscalpel.core.config import ConfigError, MethodConfig, option
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.mechanics.keys_values import ValueOptions, ValueResult, optimise_value
+from lmscalpel.mechanics.peaks import traced_peak
+from lmscalpel.mechanics.prefixes import context_prefixes
+from lmscalpel.mechanics.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, KeyStatistics, key_statistics
+from lmscalpel.methods.base import Editor, register, resolve_layers
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import ParameterDelta, Patch, weight_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ def rank_one_edit(
     """ROME's update of layer ``layer`` for one request, on the model as it is now (unchanged).
 
     k* is the subject's key averaged over ``prefixes``; v* = W k* + δ with δ from
-    :func:`~lmscalpel.keys_values.optimise_value`; C from ``stats`` (``None``: identity). With
+    :func:`~lmscalpel.mechanics.keys_values.optimise_value`; C from ``stats`` (``None``: identity). With
     ``exact``, δ is optimised as the update will really apply it at each position (scaled by
     (C⁻¹k*)ᵀk / (C⁻¹k*)ᵀk*); without, at the anchor only, as in the paper.
     """
@@ -116,36 +115,34 @@ def rank_one_edit(
 
 
 @dataclass
-class ROMEConfig(MethodConfig):
-    """ROME's hyperparameters.
+class ROMEConfig(ValueOptions):
+    """ROME's hyperparameters: the value optimisation's
+    (:class:`~lmscalpel.mechanics.keys_values.ValueOptions`, inherited) plus where to edit, the
+    key statistics and the context prefixes.
 
-    ``layer``: the MLP to edit (negative counts from the top); ``None`` uses the MLP peak of the
-    model's causal-tracing aggregate when it was traced (:mod:`lmscalpel.locate.peaks`), else
-    ``default_depth``, a fraction of the depth (per family below; for unknown families the
-    causal-tracing peak of mid-sized models). ``statistics``: use C = E[k kᵀ] (``False``: C = I); ``stats_corpus``:
-    ``"model"`` (text sampled from the model itself) or a path (see :mod:`lmscalpel.stats`);
-    ``stats_samples``: tokens in the estimate. ``prefixes`` context prefixes of
-    ``prefix_length`` generated tokens, plus the bare prompt. The remaining fields set the value
-    optimisation (:class:`lmscalpel.keys_values.ValueOptions`); ``exact_injection`` optimises δ as
-    the update will really apply it (see :func:`rank_one_edit`).
+    An unset ``layer`` is resolved by :meth:`edit_layer`: the MLP peak of the model's recorded
+    causal-tracing aggregate (:mod:`lmscalpel.mechanics.peaks`), else ``default_depth`` of the
+    depth (per family below; for unknown families the causal-tracing peak of mid-sized models).
     """
 
-    layer: int | None = None
-    default_depth: float = 0.2
-    statistics: bool = True
-    stats_corpus: str = DEFAULT_CORPUS
-    stats_samples: int = DEFAULT_SAMPLES
-    prefixes: int = 3
-    prefix_length: int = 5
-    lr: float = 0.5
-    max_steps: int = 20
-    stop_nll: float = 0.5
-    kl_factor: float = 0.0625
-    kl_prompt: str = "{} is a"
-    weight_decay: float = 0.5
-    clamp_norm: float = 4.0
-    exact_injection: bool = True
-    fast: bool = True
+    layer: int | None = option(
+        None, "MLP to edit (negative counts from the top); unset: the traced peak or default_depth"
+    )
+    default_depth: float = option(
+        0.2, "the edit layer as a fraction of the depth, when layer is unset and nothing was traced"
+    )
+    statistics: bool = option(
+        True, "weight the update by the key statistics C = E[kkᵀ] (False: C = I)"
+    )
+    stats_corpus: str = option(
+        DEFAULT_CORPUS, "text for the statistics: 'model' (sampled from the model) or a path"
+    )
+    stats_samples: int = option(DEFAULT_SAMPLES, "tokens in the statistics' estimate")
+    prefixes: int = option(3, "generated context prefixes the key and value are averaged over")
+    prefix_length: int = option(5, "tokens in each generated context prefix")
+    exact_injection: bool = option(
+        True, "optimise δ as the rank-one update will apply it at every position"
+    )
 
     # Edit depths from the paper and its successors: GPT-2 XL layer 17 of 48, GPT-J 5 of 28,
     # GPT-NeoX-20B 15 of 44, Llama/Mistral/Qwen-7B 5 of 32 (EasyEdit's tuned settings).
@@ -168,21 +165,12 @@ class ROMEConfig(MethodConfig):
         for name in ("stats_samples", "prefix_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ROMEConfig.{name} must be at least 1")
-        for name in ("prefixes", "max_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ROMEConfig.{name} must be >= 0")
-        if "{}" not in self.kl_prompt:
-            raise ConfigError("ROMEConfig.kl_prompt needs a {} placeholder for the subject")
-
-    def value_options(self) -> ValueOptions:
-        """The fields shared with :class:`~lmscalpel.keys_values.ValueOptions`, as one."""
-        return ValueOptions(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ValueOptions)}
-        )
+        if self.prefixes < 0:
+            raise ConfigError("ROMEConfig.prefixes must be >= 0")
 
     def edit_layer(self, num_layers: int, fingerprint: str | None = None) -> int:
         """The layer to edit: ``layer`` if set; else the MLP peak of the model's causal-tracing
-        aggregate (:mod:`lmscalpel.locate.peaks`) when the model with this weight
+        aggregate (:mod:`lmscalpel.mechanics.peaks`) when the model with this weight
         ``fingerprint`` was traced; else ``default_depth`` of the depth."""
         if self.layer is None and fingerprint is not None:
             peak = traced_peak(fingerprint)
@@ -233,13 +221,12 @@ class ROME(Editor):
         adapter = lm.adapter
         layer, prefixes, stats = self._resources(lm, config)
         name = adapter.mlp_out_weight_name(layer)
-        options = config.value_options()
         lefts, rights, records = [], [], []
         with weight_snapshot(lm, [name]):
             for request in requests:
                 start = time.perf_counter()
                 change = rank_one_edit(
-                    lm, layer, request, prefixes, stats, options, exact=config.exact_injection
+                    lm, layer, request, prefixes, stats, config, exact=config.exact_injection
                 )
                 with torch.no_grad():  # later requests see earlier edits, as in the paper
                     weight = adapter.mlp_out_weight(layer)

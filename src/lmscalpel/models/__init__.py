@@ -1,19 +1,18 @@
 """Loading models offline and mapping their architecture to one naming scheme."""
 
-from .adapter import (
+from lmscalpel.models.adapter import (
     ArchitectureSpec,
     ModelAdapter,
     UnsupportedArchitectureError,
     register_architecture,
     supported_model_types,
 )
-from .fingerprint import model_fingerprint, tensor_digest
-from .loaded import LoadedModel
-from .loading import (
+from lmscalpel.models.fingerprint import model_fingerprint, tensor_digest
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     ModelNotAvailableError,
-    lmscalpel_home,
     load_model,
     wrap_model,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "ModelAdapter",
     "ModelNotAvailableError",
     "UnsupportedArchitectureError",
-    "lmscalpel_home",
     "load_model",
     "model_fingerprint",
     "register_architecture",

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapter import ModelAdapter
-
-if TYPE_CHECKING:
-    from ..patch import Patch
-
-
-Message = dict[str, str]
-
-
-class PromptRewriter(Protocol):
-    """What the applied in-context patches of one method do: rewrite every prompt before the model
-    reads it.
-
-    A rewriter may also define ``rewrite_chat(messages) -> messages`` to shape a chat conversation
-    (e.g. demonstrations as earlier turns) when the model is used with its chat template; without
-    it, the last user message is passed through :meth:`rewrite`.
-    """
-
-    def rewrite(self, prompt: str) -> str: ...
+from lmscalpel.models.adapter import ModelAdapter
+from lmscalpel.models.rewriters import ContextPatch, Message, PromptRewriter, rewriter_builder
 
 
 @dataclass
@@ -37,7 +19,8 @@ class LoadedModel:
     ``fingerprint`` identifies the weights as loaded (see :mod:`lmscalpel.models.fingerprint`);
     ``chat`` makes scoring and generation wrap prompts in the tokenizer's chat template;
     ``context_patches`` are the in-context patches currently applied, oldest first; all those of
-    one method are realised together by one rewriter (see :meth:`rewriters`).
+    one method are realised together by one rewriter (see :meth:`rewriters` and
+    :mod:`lmscalpel.models.rewriters`).
     """
 
     model: PreTrainedModel
@@ -47,8 +30,8 @@ class LoadedModel:
     fingerprint: str
     path: Path | None = None
     chat: bool = False
-    context_patches: list[Patch] = field(default_factory=list)
-    _rewriter_cache: tuple[tuple[Patch, ...], list[PromptRewriter]] = field(
+    context_patches: list[ContextPatch] = field(default_factory=list)
+    _rewriter_cache: tuple[tuple[ContextPatch, ...], list[PromptRewriter]] = field(
         default_factory=lambda: ((), []), repr=False, compare=False
     )
 
@@ -75,14 +58,11 @@ class LoadedModel:
         applied = tuple(self.context_patches)
         cached, rewriters = self._rewriter_cache
         if len(cached) != len(applied) or any(a is not b for a, b in zip(cached, applied)):
-            from ..methods import get_editor  # late: methods import this module
-
-            by_method: dict[str, list[Patch]] = {}
+            by_method: dict[str, list[ContextPatch]] = {}
             for patch in applied:
                 by_method.setdefault(patch.method, []).append(patch)
             rewriters = [
-                get_editor(method).build_rewriter(patches, self)
-                for method, patches in by_method.items()
+                rewriter_builder(method)(patches, self) for method, patches in by_method.items()
             ]
             self._rewriter_cache = (applied, rewriters)
         return rewriters

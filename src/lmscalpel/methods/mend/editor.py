@@ -19,14 +19,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ...config import ConfigError, MethodConfig
-from ...models.loaded import LoadedModel
-from ...patch import ParameterDelta, Patch
-from ...requests import EditRequest
-from ..base import Editor, register
-from .checkpoint import editor_digest, load_editor, read_editor_config
-from .grads import TokenGrads, edit_token_grads
-from .network import MENDNetwork
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.methods.base import Editor, register
+from lmscalpel.methods.mend.checkpoint import editor_digest, load_editor, read_editor_config
+from lmscalpel.methods.mend.grads import TokenGrads, edit_token_grads
+from lmscalpel.methods.mend.network import MENDNetwork
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.patch import ParameterDelta, Patch
 
 
 @dataclass

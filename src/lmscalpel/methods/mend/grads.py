@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...config import ConfigError
-from ...hooks import Captured
-from ...models.adapter import ModelAdapter, first_tensor, module_of, replace_first_tensor
-from ...models.loaded import LoadedModel
-from ...requests import EditRequest
-from ...scoring import TeacherForcedBatch, build_batch, hidden_states
-from ..base import resolve_layers
+from lmscalpel.core.config import ConfigError
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.methods.base import resolve_layers
+from lmscalpel.models.adapter import ModelAdapter, first_tensor, module_of, replace_first_tensor
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import Captured
+from lmscalpel.scoring import TeacherForcedBatch, build_batch, hidden_states
 
 
 def edited_parameter_names(

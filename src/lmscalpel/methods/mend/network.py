@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .grads import TokenGrads
+from lmscalpel.methods.mend.grads import TokenGrads
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # left (E, out, T), right (E, T, in)
 
@@ -194,7 +194,7 @@ class MENDNetwork(nn.Module):
     @torch.no_grad()
     def set_key_statistics(self, moments: dict[str, torch.Tensor], ridge: float) -> None:
         """Preconditioned editors: store each matrix's (C + ridge · mean diag(C) · I)⁻¹, C the
-        second moment of its inputs (:func:`lmscalpel.stats.input_statistics`), times
+        second moment of its inputs (:func:`lmscalpel.mechanics.stats.input_statistics`), times
         mean diag(C) so that it is dimensionless (the identity for C = σ²I)."""
         if not self.precondition:
             raise ValueError("this editor was built without preconditioning")

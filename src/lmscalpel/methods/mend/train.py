@@ -46,15 +46,11 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ...config import ConfigError, MethodConfig
-from ...hooks import capture, resume_at
-from ...models.loaded import LoadedModel
-from ...requests import EditRequest
-from ...scoring import TeacherForcedBatch, build_batch, hidden_states
-from ...stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, input_statistics
-from ...tokens import encode_target
-from .edited import edited_forward
-from .grads import (
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.mechanics.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, input_statistics
+from lmscalpel.methods.mend.edited import edited_forward
+from lmscalpel.methods.mend.grads import (
     TokenGrads,
     edited_parameter_names,
     lowest_layer,
@@ -63,7 +59,11 @@ from .grads import (
     scored_logprobs,
     token_grads,
 )
-from .network import MENDNetwork
+from lmscalpel.methods.mend.network import MENDNetwork
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture, resume_at
+from lmscalpel.scoring import TeacherForcedBatch, build_batch, hidden_states
+from lmscalpel.tokens import encode_target
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import atomic_write_json
-from ..models.loading import lmscalpel_home
+from lmscalpel.core.files import atomic_write_json
+from lmscalpel.core.paths import lmscalpel_home
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .hooks import capture, edit_outputs
-from .models.loaded import LoadedModel
-from .scoring import pad_token_id
-from .tokens import encode_prompt, encode_target, subject_token_positions
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture, edit_outputs
+from lmscalpel.scoring import pad_token_id
+from lmscalpel.tokens import encode_prompt, encode_target, subject_token_positions
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class AnchoredRun:
         """Final normalised hidden states (B, S, d) of the suffix columns with ``edits`` active.
 
         ``edits`` maps module names (at ``layer`` or above) to output-rewriting functions, as in
-        :func:`lmscalpel.hooks.edit_outputs`; they see (B, S, ·) tensors whose column
+        :func:`lmscalpel.runtime.hooks.edit_outputs`; they see (B, S, ·) tensors whose column
         :attr:`anchor_index` is the anchor. Differentiable.
         """
         batch, p = self.batch, self.batch.anchor

@@ -27,6 +27,28 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config field with a one-line ``help`` (shown by ``lmscalpel methods``)::
+
+    lr: float = option(0.5, "Adam's step size, in units of the value's norm per sqrt(d)")
+    """
+    if not help:
+        raise TypeError("every config field needs a help line")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldHelp:
+    """One config field as ``lmscalpel methods`` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
 def _check_type(cls: type, name: str, value: Any, annotation: Any) -> Any:
     """Validate (and gently coerce int -> float, list -> tuple) one field value."""
     origin = typing.get_origin(annotation)
@@ -72,6 +94,12 @@ def _check_type(cls: type, name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Base of every method's hyperparameters. Subclasses are dataclasses."""
@@ -87,6 +115,22 @@ class MethodConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def describe(cls, model_type: str | None = None) -> list[FieldHelp]:
+        """Every field with its type, its default (for ``model_type``'s family, if given) and its
+        help line."""
+        defaults = cls.for_model(model_type)
+        hints = typing.get_type_hints(cls)
+        return [
+            FieldHelp(
+                name=f.name,
+                type=_type_name(hints[f.name]),
+                default=getattr(defaults, f.name),
+                help=f.metadata.get("help", ""),
+            )
+            for f in dataclasses.fields(cls)
+        ]
 
     @classmethod
     def _check_keys(cls, data: dict[str, Any], where: str) -> None:

@@ -17,10 +17,10 @@ import json
 import logging
 from pathlib import Path
 
-from .files import atomic_write_json
-from .models.loaded import LoadedModel
-from .models.loading import lmscalpel_home
-from .scoring import generate
+from lmscalpel.core.files import atomic_write_json
+from lmscalpel.core.paths import lmscalpel_home
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.scoring import generate
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .config import ConfigError
-from .files import atomic_path
-from .hooks import capture
-from .models.adapter import module_of
-from .models.loaded import LoadedModel
-from .models.loading import lmscalpel_home
-from .scoring import pad_token_id, right_padded
+from lmscalpel.core.config import ConfigError
+from lmscalpel.core.files import atomic_path
+from lmscalpel.core.paths import lmscalpel_home
+from lmscalpel.models.adapter import module_of
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture
+from lmscalpel.scoring import pad_token_id, right_padded
 
 log = logging.getLogger(__name__)
 

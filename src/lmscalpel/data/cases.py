@@ -1,7 +1,7 @@
 """Evaluation cases: what is edited together, and the probes that judge it.
 
 An :class:`EvalCase` is one benchmark record turned into one or several
-:class:`~lmscalpel.requests.EditRequest` s that are edited *together* (a CounterFact record is one
+:class:`~lmscalpel.core.requests.EditRequest` s that are edited *together* (a CounterFact record is one
 request; a MQuAKE record may rewrite two facts at once). The requests carry every probe: edit
 prompt, paraphrases, locality and portability probes. Evaluation never looks at the raw record
 again, so every layout is measured the same way.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..requests import EditRequest
+from lmscalpel.core.requests import EditRequest
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.adapter import first_tensor, replace_first_tensor
+from lmscalpel.models.adapter import first_tensor, replace_first_tensor
 
 
 class StopForward(Exception):  # a control-flow signal, not an error

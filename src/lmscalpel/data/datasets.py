@@ -29,7 +29,7 @@ Supported layouts (detected from the records, or named with ``layout=``):
     the attribute of another fact of the same relation, and a neighbouring fact of the same
     relation is the locality probe (both chosen deterministically).
 ``requests``
-    lmscalpel's own JSON / JSONL of :class:`~lmscalpel.requests.EditRequest` s; requests sharing a
+    lmscalpel's own JSON / JSONL of :class:`~lmscalpel.core.requests.EditRequest` s; requests sharing a
     ``case_id`` form one case.
 
 A malformed record never stops a load and is never skipped silently: it is reported as a
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..requests import EditRequest, EditRequestError, LocalityProbe, PortabilityProbe
-from .cases import EvalCase, cases_from_requests, select_cases
+from lmscalpel.core.requests import EditRequest, EditRequestError, LocalityProbe, PortabilityProbe
+from lmscalpel.data.cases import EvalCase, cases_from_requests, select_cases
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ the fact, its output the *value* v that recalls it. Editing a fact takes
   new target becomes likely behind every prefix, while a KL term keeps what the model says about
   the subject itself ("{subject} is a") and the norm of δ stays bounded (:func:`optimise_value`).
 
-Both run on :class:`~lmscalpel.anchored.AnchoredBatch` rows (all anchors in one column), and the
+Both run on :class:`~lmscalpel.mechanics.anchored.AnchoredBatch` rows (all anchors in one column), and the
 optimisation reruns only the positions and layers δ can affect (:class:`AnchoredRun`), stops as
 soon as the target is likely enough, and reads logits only where the loss needs them.
 """
@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .anchored import AnchoredBatch, AnchoredRow, AnchoredRun
-from .hooks import capture
-from .models.loaded import LoadedModel
-from .requests import EditRequest
+from lmscalpel.core.config import ConfigError, MethodConfig, option
+from lmscalpel.core.requests import EditRequest
+from lmscalpel.mechanics.anchored import AnchoredBatch, AnchoredRow, AnchoredRun
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture
 
 log = logging.getLogger(__name__)
 
 KeySolver = Callable[[torch.Tensor], torch.Tensor]
-"""k ↦ C⁻¹k for keys (d_k,): e.g. :meth:`lmscalpel.stats.KeyStatistics.solve`."""
+"""k ↦ C⁻¹k for keys (d_k,): e.g. :meth:`lmscalpel.mechanics.stats.KeyStatistics.solve`."""
 
 
 def context_rows(
@@ -66,27 +67,40 @@ def compute_keys(
 
 
 @dataclass
-class ValueOptions:
-    """How δ is optimised (the defaults are ROME's, with early stopping).
+class ValueOptions(MethodConfig):
+    """How δ is optimised (the defaults are ROME's, with early stopping; docs/rome.md measures
+    them). A method that optimises values (ROME; MEMIT next) *is* these options plus its own
+    fields: its config class derives from this one, so the fields exist once.
 
-    ``lr``: Adam's step size (β = (0.5, 0.9): short memory, which reaches the target in fewer
-    steps than the default β here), in units of the unedited value's norm ‖v‖ per √d, so one
-    value suits models of any width and scale. ``max_steps``: at most this many updates; the loop stops
-    earlier once the mean negative log-likelihood of the target over the prompts is at most
-    ``stop_nll``. ``kl_factor`` weighs KL(new ‖ old) of the next-token distribution after
-    ``kl_prompt`` (its ``{}`` is the subject). ``weight_decay`` weighs (‖δ‖ / ‖v‖)². ``clamp_norm``:
-    ‖δ‖ ≤ clamp_norm · ‖v‖ after every step. ``fast=False`` reruns the whole model every step
-    (a reference for checking the fast path).
+    ``lr`` is in units of the unedited value's norm ‖v‖ per √d, so one value suits models of any
+    width and scale; Adam's β = (0.5, 0.9) (short memory) reaches the target in fewer steps than
+    the default β here.
     """
 
-    lr: float = 0.5
-    max_steps: int = 20
-    stop_nll: float = 0.05
-    kl_factor: float = 0.0625
-    kl_prompt: str = "{} is a"
-    weight_decay: float = 0.5
-    clamp_norm: float = 4.0
-    fast: bool = True
+    lr: float = option(0.5, "Adam's step size for δ, in units of the unedited value's norm per √d")
+    max_steps: int = option(20, "at most this many optimisation steps for δ")
+    stop_nll: float = option(
+        0.5, "stop once the mean negative log-likelihood of the new target is at most this"
+    )
+    kl_factor: float = option(
+        0.0625, "weight of KL(new ‖ old) of the next-token distribution after kl_prompt"
+    )
+    kl_prompt: str = option("{} is a", "prompt whose prediction must not change; {} is the subject")
+    weight_decay: float = option(0.5, "weight of (‖δ‖ / ‖v‖)² in the loss")
+    clamp_norm: float = option(4.0, "after every step ‖δ‖ is clipped to clamp_norm · ‖v‖")
+    fast: bool = option(
+        True,
+        "rerun only the positions and layers δ can change (False: the whole model, a reference)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps < 0:
+            raise ConfigError(f"{type(self).__name__}.max_steps must be >= 0")
+        if "{}" not in self.kl_prompt:
+            raise ConfigError(
+                f"{type(self).__name__}.kl_prompt needs a {{}} placeholder for the subject"
+            )
 
 
 @dataclass

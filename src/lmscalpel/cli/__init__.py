@@ -35,12 +35,12 @@ ChatOption = Annotated[bool, typer.Option("--chat", help="Wrap prompts in the ch
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from .config import ConfigError
-    from .evaluation import DatasetError, EvaluationError
-    from .locate import TracingError
-    from .models import ModelNotAvailableError, UnsupportedArchitectureError
-    from .patch import PatchError
-    from .requests import EditRequestError
+    from lmscalpel.core.config import ConfigError
+    from lmscalpel.core.requests import EditRequestError
+    from lmscalpel.evaluation import DatasetError, EvaluationError
+    from lmscalpel.locate import TracingError
+    from lmscalpel.models import ModelNotAvailableError, UnsupportedArchitectureError
+    from lmscalpel.patch import PatchError
 
     return (
         ConfigError,
@@ -87,7 +87,7 @@ def _main(
 
 
 def _load(model: str | None, chat: bool = False):
-    from . import load_model
+    from lmscalpel import load_model
 
     with console.status(f"loading {model or 'the embedded model'}..."):
         return load_model(model, chat=chat)
@@ -110,7 +110,7 @@ def _config(
     model_type: str,
     editor: Path | None = None,
 ):
-    from .methods import editor_class
+    from lmscalpel.methods import editor_class
 
     cls = editor_class(method).config_class
     base = cls.from_yaml(config, model_type) if config else cls.for_model(model_type)
@@ -123,7 +123,7 @@ def _config(
 
 def _editor_takers(methods: list[str], editor: Path) -> list[str]:
     """The methods that take ``--editor`` (learned editors); none of them is a usage error."""
-    from .methods import editor_class
+    from lmscalpel.methods import editor_class
 
     takers = [m for m in methods if "editor" in editor_class(m).config_class.field_names()]
     if not takers:
@@ -143,8 +143,9 @@ EditorOption = Annotated[
 @friendly
 def info(model: ModelOption = None) -> None:
     """Show a model's architecture, size, fingerprint and the available methods."""
-    from . import available_methods
-    from .models import lmscalpel_home, supported_model_types
+    from lmscalpel import available_methods
+    from lmscalpel.core.paths import lmscalpel_home
+    from lmscalpel.models import supported_model_types
 
     lm = _load(model)
     a = lm.adapter
@@ -178,7 +179,7 @@ def generate(
     chat: ChatOption = False,
 ) -> None:
     """Greedy continuation of each prompt."""
-    from . import generate as gen
+    from lmscalpel import generate as gen
 
     lm = _load(model, chat)
     for p, text in zip(prompt, gen(lm, prompt, max_new_tokens=max_new_tokens)):
@@ -195,7 +196,7 @@ def score(
     top: Annotated[int, typer.Option(help="Also show the top-k next tokens.")] = 5,
 ) -> None:
     """Teacher-forced log-probabilities of continuations of a prompt."""
-    from . import score_targets, top_tokens
+    from lmscalpel import score_targets, top_tokens
 
     lm = _load(model, chat)
     table = Table(title=prompt)
@@ -250,9 +251,9 @@ def edit(
     chat: ChatOption = False,
 ) -> None:
     """Edit a fact and show the model's answers before and after."""
-    from . import EditRequest, LocalityProbe, load_requests
-    from . import edit as do_edit
-    from .report import before_after_table, probe, probes_for
+    from lmscalpel import EditRequest, LocalityProbe, load_requests
+    from lmscalpel import edit as do_edit
+    from lmscalpel.report import before_after_table, probe, probes_for
 
     if requests is not None:
         reqs = load_requests(requests)
@@ -299,8 +300,8 @@ def apply(
     ] = None,
 ) -> None:
     """Apply a saved patch and show its requests' answers before and after (optionally export)."""
-    from .patch import Patch
-    from .report import before_after_table, probe, probes_for
+    from lmscalpel.patch import Patch
+    from lmscalpel.report import before_after_table, probe, probes_for
 
     patch = Patch.load(patch_dir)
     lm = _load(model, chat)
@@ -344,8 +345,8 @@ def train_editor(
 
     import torch
 
-    from .evaluation import read_dataset
-    from .methods.mend import MENDTrainConfig, save_editor, train_mend
+    from lmscalpel.evaluation import read_dataset
+    from lmscalpel.methods.mend import MENDTrainConfig, save_editor, train_mend
 
     if method != "mend":
         raise typer.BadParameter(f"{method!r} is not a learned editor; use --method mend")
@@ -481,7 +482,7 @@ def evaluate_command(
     """`eval` and `compare`: load the data, evaluate, print the table and write the results."""
     import time
 
-    from .evaluation import EvalOptions, MethodSpec, compare, console_table, read_dataset
+    from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, console_table, read_dataset
 
     started = time.perf_counter()
     try:
@@ -558,8 +559,8 @@ def _method_configs(
     """One config per method: the family defaults, or a YAML file (for several methods: one
     section per method name), then `--set` overrides (`key=value` for every method that has the
     key, `method.key=value` for one), then `--editor` for the learned editors among them."""
-    from .config import ConfigError
-    from .methods import editor_class
+    from lmscalpel.core.config import ConfigError
+    from lmscalpel.methods import editor_class
 
     sections: dict = {}
     if config is not None:
@@ -632,9 +633,9 @@ def stats(
     """Compute (once; cached) the key statistics C = E[k kᵀ] that ROME uses for one layer."""
     import time
 
-    from .config import ConfigError
-    from .methods.rome import ROMEConfig
-    from .stats import key_statistics
+    from lmscalpel.core.config import ConfigError
+    from lmscalpel.mechanics.stats import key_statistics
+    from lmscalpel.methods.rome import ROMEConfig
 
     lm = _load(model)
     config = ROMEConfig.for_model(lm.model_type)
@@ -701,7 +702,7 @@ def trace_command(
     chat: ChatOption = False,
 ) -> None:
     """Causal tracing (Meng et al. 2022): where a fact flows from the subject to the answer."""
-    from .locate import KINDS, TracingError, noise_level
+    from lmscalpel.locate import KINDS, TracingError, noise_level
 
     kinds = list(KINDS) if kind == "all" else [kind]
     if any(k not in KINDS for k in kinds):
@@ -723,8 +724,8 @@ def trace_command(
 
 
 def _trace_one(lm, prompt, subject, answer, out: Path, **options) -> None:
-    from .locate import trace
-    from .locate.plots import plot_trace, plot_traces
+    from lmscalpel.locate import trace
+    from lmscalpel.locate.plots import plot_trace, plot_traces
 
     result = trace(lm, prompt, subject, answer, progress=True, **options)
     files = result.save(out)
@@ -753,10 +754,10 @@ def _trace_one(lm, prompt, subject, answer, out: Path, **options) -> None:
 
 
 def _trace_aggregate(lm, known: Path, out: Path, *, n: int, tokens: str, **options) -> None:
-    from .locate.aggregate import aggregate as run_aggregate
-    from .locate.aggregate import load_knowns
-    from .locate.peaks import MIN_FACTS, record_peak
-    from .locate.plots import plot_layer_curves, plot_token_classes
+    from lmscalpel.locate.aggregate import aggregate as run_aggregate
+    from lmscalpel.locate.aggregate import load_knowns
+    from lmscalpel.locate.plots import plot_layer_curves, plot_token_classes
+    from lmscalpel.mechanics.peaks import MIN_FACTS, record_peak
 
     summary = run_aggregate(lm, load_knowns(known), n=n, tokens=tokens, out_dir=out, **options)
     curves = summary["last_subject_token"]
@@ -826,7 +827,7 @@ def demo(
     ] = None,
 ) -> None:
     """Edit 'The Eiffel Tower is in Paris' to Rome on the embedded model, show it, revert it."""
-    from .demo import run_demo
+    from lmscalpel.demo import run_demo
 
     run_demo(console, model=model, method=method)
 

@@ -6,7 +6,7 @@ vector is injected at one layer) need only run the layers above it. :func:`recor
 model once and keeps the input of every decoder layer plus the arguments the model passed to each
 layer (rotary position embeddings, masks, position ids); :func:`run_layers` then feeds any hidden
 states through layers ``start..stop-1`` by calling those same layer modules with those same
-arguments. Hooks installed on the model (e.g. :func:`lmscalpel.hooks.edit_outputs`) are active
+arguments. Hooks installed on the model (e.g. :func:`lmscalpel.runtime.hooks.edit_outputs`) are active
 during the replay, since the layer modules are called as usual.
 
 Nothing here names an architecture: layers come from the adapter, and their extra arguments are
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from .hooks import capture
-from .models.adapter import first_tensor
-from .models.loaded import LoadedModel
+from lmscalpel.models.adapter import first_tensor
+from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.hooks import capture
 
 
 class ReplayMismatchError(RuntimeError):
