@@ -78,7 +78,7 @@ def test_fast_path_equals_the_full_pass_with_gradients(any_tiny, layer):
 
 
 def test_the_model_is_intact_after_a_fast_pass(tiny):
-    layers = tiny.adapter.module(tiny.adapter.spec.layers)
+    layers = tiny.adapter.layer_list
     before = list(layers)
     run = AnchoredRun(tiny, AnchoredBatch.build(tiny, ROWS), 2)
     run.suffix_hidden()

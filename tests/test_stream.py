@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from lmscalpel.runtime.hooks import Tap, add_at_positions, tap
+from lmscalpel.runtime.kv import new_cache
 from lmscalpel.runtime.stream import (
     ReplayMismatchError,
     check_replay,
     final_logits,
-    kv_cache,
     record_stream,
     run_layers,
 )
@@ -52,7 +53,7 @@ def test_a_suffix_after_cached_keys_and_values_matches_the_forward_pass(any_tiny
         assert suffix.prefix == t and suffix.states[0].shape[1] == ids.shape[1] - t
         torch.testing.assert_close(suffix.logits, expected, atol=1e-5, rtol=0)
         layer = lm.adapter.num_layers // 2
-        out = run_layers(lm, suffix, full.states[layer][:, t:], layer, past=kv_cache(lm, prefix))
+        out = run_layers(lm, suffix, full.states[layer][:, t:], layer, past=new_cache(lm, prefix))
         torch.testing.assert_close(final_logits(lm, out[:, -1]), expected, atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="pass their cache"):
             run_layers(lm, suffix, full.states[layer][:, t:], layer)
@@ -73,3 +74,36 @@ def test_layer_ranges_are_checked(tiny):
         assert same is stream.states[2]
         with pytest.raises(IndexError):
             run_layers(tiny, stream, stream.states[0], 0, 99)
+
+
+def test_one_layer_at_a_time_needs_only_that_layers_cache(any_tiny):
+    """Causal tracing's wavefront: each step runs one layer over the suffix, with a cache holding
+    only that layer's keys and values of the prefix."""
+    lm, ids = any_tiny, _ids(any_tiny)
+    t = 4
+    with torch.no_grad():
+        full = record_stream(lm, ids, keep_kv=True)
+        suffix = record_stream(
+            lm, ids[:, t:], past=[(k[:, :, :t], v[:, :, :t]) for k, v in full.kv]
+        )
+        hidden = full.states[1][:, t:]
+        for layer in range(1, lm.adapter.num_layers):
+            keys, values = full.kv[layer]
+            past = new_cache(lm, {layer: (keys[:, :, :t], values[:, :, :t])})
+            hidden = run_layers(lm, suffix, hidden, layer, layer + 1, past=past)
+            torch.testing.assert_close(hidden, full.states[layer + 1][:, t:], atol=1e-5, rtol=0)
+
+
+def test_the_callers_taps_act_during_the_replay(tiny):
+    ids = _ids(tiny, 1)
+    name = tiny.adapter.mlp_name(2)
+    edit = {name: Tap(replace=add_at_positions(torch.ones(32), [3]))}
+    with torch.no_grad():
+        stream = record_stream(tiny, ids)
+        with tap(tiny.model, edit):
+            expected = tiny.model(ids).logits[:, -1]
+            out = run_layers(tiny, stream, stream.states[1], 1)
+        plain = final_logits(tiny, run_layers(tiny, stream, stream.states[1], 1)[:, -1])
+    torch.testing.assert_close(final_logits(tiny, out[:, -1]), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    assert _hook_count(tiny.model) == 0

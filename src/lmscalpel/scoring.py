@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig
 
 from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime.kv import run_after, run_body, run_prefix
 from lmscalpel.tokens import encode_prompt, encode_target
 
 
@@ -198,8 +199,9 @@ def hidden_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torc
     """Final (normalised) hidden states (B, S, d) of the transformer body, without the LM head.
 
     Without gradients and hooks, a long prefix that all rows share (e.g. an in-context edit's
-    demonstrations, read before every probe) runs once and its key/value cache serves every row;
-    rows are right-padded, so positions are unchanged and the result equals one full pass.
+    demonstrations, read before every probe) runs once and its key/value cache serves every row
+    (:func:`lmscalpel.runtime.kv.run_prefix`); rows are right-padded, so positions are unchanged
+    and the result equals one full pass.
     """
     prefix = 0
     if not torch.is_grad_enabled() and input_ids.shape[0] > 1:
@@ -207,18 +209,11 @@ def hidden_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torc
         if prefix >= MIN_SHARED_PREFIX and _has_hooks(lm.model):
             prefix = 0  # a hook may index absolute positions: keep one pass
     if prefix < MIN_SHARED_PREFIX:
-        out = lm.adapter.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        return run_body(lm, input_ids, attention_mask).hidden
     rows = input_ids.shape[0]
-    head = lm.adapter.body(
-        input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix], use_cache=True
-    )
-    cache = head.cache
-    cache.batch_repeat_interleave(rows)
-    tail = lm.adapter.body(
-        input_ids=input_ids[:, prefix:], attention_mask=attention_mask, cache=cache, use_cache=True
-    )
-    return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], 1)
+    head = run_prefix(lm, input_ids[:1, :prefix], attention_mask[:1, :prefix])
+    tail = run_after(lm, head, input_ids[:, prefix:], attention_mask, rows=rows)
+    return torch.cat([head.hidden.expand(rows, -1, -1), tail.hidden], 1)
 
 
 def token_logprobs(lm: LoadedModel, batch: TeacherForcedBatch) -> tuple[torch.Tensor, torch.Tensor]:

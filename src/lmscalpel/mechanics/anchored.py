@@ -8,10 +8,11 @@ step's arithmetic would be the same at every step. This module does it once:
 * :class:`AnchoredBatch` left-pads the rows so that every row's anchor (the subject's last token)
   sits in the same column ``P``. Columns ``< P`` are the *prefix*, columns ``>= P`` the *suffix*.
 * :class:`AnchoredRun` runs the whole batch once without gradients, keeps the attention keys and
-  values of the prefix columns at every layer, and the input of the first layer that must be
-  rerun at the suffix columns. :meth:`AnchoredRun.suffix_hidden` then reruns only the suffix
-  columns, only from that layer up (the layers below it are replaced by a stub that returns their
-  recorded output), with the caller's hooks active — differentiably.
+  values of the prefix columns at every layer (:func:`lmscalpel.runtime.kv.run_prefix`), and the
+  input of the first layer that must be rerun at the suffix columns. :meth:`AnchoredRun.suffix_hidden`
+  then reruns only the suffix columns (:func:`lmscalpel.runtime.kv.run_after`), only from that
+  layer up (:func:`lmscalpel.runtime.layers.from_layer`), with the caller's output replacements
+  active — differentiably.
 
 The result equals a full forward pass to float precision (the tests check every supported
 architecture); ``fast=False`` runs the full pass instead, as a reference.
@@ -19,16 +20,15 @@ architecture); ``fast=False`` runs the full pass instead, as a reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers import DynamicCache
 
 from lmscalpel.models.loaded import LoadedModel
-from lmscalpel.runtime.hooks import capture, edit_outputs
+from lmscalpel.runtime.hooks import Seen, Tap, tap
+from lmscalpel.runtime.kv import BodyOutput, cache_fits, run_after, run_body, run_prefix
+from lmscalpel.runtime.layers import from_layer
 from lmscalpel.scoring import pad_token_id
 from lmscalpel.tokens import encode_prompt, encode_target, subject_token_positions
 
@@ -117,31 +117,6 @@ class AnchoredBatch:
         )
 
 
-class _Replay(nn.Module):
-    """Stands in for a decoder layer below the rerun: returns that layer's recorded output."""
-
-    def __init__(self, output: torch.Tensor) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.output
-
-
-@contextmanager
-def _layers_replaced(lm: LoadedModel, count: int, output: torch.Tensor) -> Iterator[None]:
-    layers = lm.adapter.module(lm.adapter.spec.layers)
-    saved = [layers[i] for i in range(count)]
-    stub = _Replay(output)
-    try:
-        for i in range(count):
-            layers[i] = stub
-        yield
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
-
-
 class AnchoredRun:
     """The part of an anchored batch's forward pass that an injection at ``layer`` (at or after the
     anchor column) cannot change, computed once; see the module docstring.
@@ -166,47 +141,33 @@ class AnchoredRun:
         self.lm = lm
         self.batch = batch
         self.layer = layer
-        self.fast = fast and self._cache_fits()
-        adapter, p = lm.adapter, batch.anchor
-        names = [adapter.layer_name(layer), *captures]
-        body = adapter.body
+        self.fast = fast and cache_fits(lm, batch.width)
+        self._prefix = None
+        seen_as = Tap(input=True, output=True)
         with torch.no_grad():
             if not self.fast:
-                with capture(lm.model, list(captures), inputs=True, stop=True) as seen:
-                    body(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                    )
-                self.captured = {name: seen[name] for name in captures}
+                with tap(lm.model, dict.fromkeys(captures, seen_as), stop=True) as seen:
+                    run_body(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+                self.captured: dict[str, Seen] = {name: seen[name] for name in captures}
                 return
-            cache = DynamicCache(config=lm.model.config)
+            p = batch.anchor
             if p > 0:
-                body(
-                    input_ids=batch.input_ids[:, :p],
-                    attention_mask=batch.attention_mask[:, :p],
-                    position_ids=batch.position_ids[:, :p],
-                    cache=cache,
-                    use_cache=True,
-                )
-            self._prefix_kv = [(lay.keys, lay.values) for lay in cache.layers] if p > 0 else None
-            with capture(lm.model, names, inputs=True, stop=True) as seen:
-                body(
-                    input_ids=batch.input_ids[:, p:],
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids[:, p:],
-                    cache=cache,
-                    use_cache=True,
-                )
+                ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+                self._prefix = run_prefix(lm, ids[:, :p], mask[:, :p], positions[:, :p])
+            first = lm.adapter.layer_name(layer)
+            with tap(lm.model, dict.fromkeys([first, *captures], seen_as), stop=True) as seen:
+                self._suffix_pass()
         self.captured = {name: seen[name] for name in captures}
-        self._layer_input = seen[adapter.layer_name(layer)].input
+        self._layer_input = seen[first].input
 
-    def _cache_fits(self) -> bool:
-        """Sliding-window caches drop old columns; keep the fast path to batches inside the window."""
-        config = self.lm.model.config.get_text_config(decoder=True)
-        window = getattr(config, "sliding_window", None)
-        return not window or self.batch.width < window
+    def _suffix_pass(self) -> BodyOutput:
+        """The body over the suffix columns, after the kept prefix (if the anchor has one)."""
+        batch, p = self.batch, self.batch.anchor
+        if self._prefix is None:  # the anchor is in column 0: nothing to continue
+            ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+            return run_body(self.lm, ids, mask, positions)
+        ids, positions = batch.input_ids[:, p:], batch.position_ids[:, p:]
+        return run_after(self.lm, self._prefix, ids, batch.attention_mask, positions)
 
     @property
     def anchor_index(self) -> int:
@@ -215,32 +176,22 @@ class AnchoredRun:
         return 0 if self.fast else self.batch.anchor
 
     def suffix_hidden(
-        self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        self, edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
     ) -> torch.Tensor:
         """Final normalised hidden states (B, S, d) of the suffix columns with ``edits`` active.
 
-        ``edits`` maps module names (at ``layer`` or above) to output-rewriting functions, as in
-        :func:`lmscalpel.runtime.hooks.edit_outputs`; they see (B, S, ·) tensors whose column
-        :attr:`anchor_index` is the anchor. Differentiable.
+        ``edits`` maps module names (at ``layer`` or above) to output-rewriting functions (a
+        :class:`~lmscalpel.runtime.hooks.Tap`'s ``replace``); they see (B, S, ·) tensors whose
+        column :attr:`anchor_index` is the anchor. Differentiable.
         """
         batch, p = self.batch, self.batch.anchor
-        with edit_outputs(self.lm.model, edits or {}):
+        replacements = {name: Tap(replace=fn) for name, fn in (edits or {}).items()}
+        with tap(self.lm.model, replacements):
             if not self.fast:
-                return self.lm.adapter.body(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    use_cache=False,
-                ).last_hidden_state[:, p:]
-            cache = DynamicCache(ddp_cache_data=self._prefix_kv, config=self.lm.model.config)
-            with _layers_replaced(self.lm, self.layer, self._layer_input):
-                return self.lm.adapter.body(
-                    input_ids=batch.input_ids[:, p:],
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids[:, p:],
-                    cache=cache,
-                    use_cache=True,
-                ).last_hidden_state
+                ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+                return run_body(self.lm, ids, mask, positions).hidden[:, p:]
+            with from_layer(self.lm, self.layer, self._layer_input):
+                return self._suffix_pass().hidden
 
     def logits(self, suffix_hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         """Logits (N, vocab) at (row, absolute column) pairs, all at or after the anchor."""

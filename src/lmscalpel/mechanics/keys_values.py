@@ -27,7 +27,8 @@ from lmscalpel.core.config import ConfigError, MethodConfig, option
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.mechanics.anchored import AnchoredBatch, AnchoredRow, AnchoredRun
 from lmscalpel.models.loaded import LoadedModel
-from lmscalpel.runtime.hooks import capture
+from lmscalpel.runtime.hooks import Tap, tap
+from lmscalpel.runtime.kv import run_body
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,8 @@ def compute_keys(
     rows = [row for r in requests for row in context_rows(r, prefixes, with_target=False)]
     batch = AnchoredBatch.build(lm, rows)
     name = lm.adapter.mlp_out_name(layer)
-    with torch.no_grad(), capture(lm.model, name, inputs=True, outputs=False, stop=True) as seen:
-        lm.adapter.body(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
+    with torch.no_grad(), tap(lm.model, {name: Tap(input=True)}, stop=True) as seen:
+        run_body(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
     keys = seen[name].input[:, batch.anchor]
     return keys.reshape(len(requests), len(prefixes), -1).mean(dim=1)
 

@@ -14,10 +14,16 @@ Naming scheme (module paths relative to the causal-LM model)::
     layers[l].mlp_out the MLP's output projection: its *input* is the key k, its output the value v
     final_norm        the final normalisation before the LM head
     lm_head           the unembedding
+
+Besides names, the adapter holds the architecture facts that the runtime needs: the attention's
+sliding window (:attr:`ModelAdapter.sliding_window`) and where a decoder block receives the
+hidden state (:func:`hidden_input` / :func:`with_hidden_input`: its first argument, as in every
+supported family).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -189,8 +195,23 @@ class ModelAdapter:
         return int(self.embeddings.weight.shape[1])
 
     @property
+    def embeddings_name(self) -> str:
+        """Module path of the token embeddings (their output is the input of layer 0, before
+        any position embeddings that the family adds)."""
+        return self.spec.embeddings
+
+    @property
     def embeddings(self) -> nn.Module:
         return self.module(self.spec.embeddings)
+
+    @property
+    def layer_list(self) -> nn.ModuleList:
+        """The container of the decoder blocks, in order (the runtime swaps entries of it to skip
+        blocks, see :func:`lmscalpel.runtime.layers.from_layer`)."""
+        layers = self.module(self.spec.layers)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"{self.spec.layers} is a {type(layers).__name__}, not a ModuleList")
+        return layers
 
     def layer(self, layer: int) -> nn.Module:
         return self.module(self.layer_name(layer))
@@ -216,6 +237,26 @@ class ModelAdapter:
     def body(self) -> nn.Module:
         """The transformer without its LM head; its ``last_hidden_state`` is already normalised."""
         return self.model.base_model
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention's sliding window in tokens (``None`` without one): a key/value cache
+        keeps only the last ``sliding_window - 1`` positions of its sliding layers."""
+        config = self.config.get_text_config(decoder=True)
+        window = getattr(config, "sliding_window", None)
+        return int(window) if window else None
+
+    # ---- what a decoder block is called with ---------------------------------------------------
+    def block_hidden(self, args: tuple, kwargs: Mapping[str, object]) -> torch.Tensor:
+        """The hidden state (B, S, d) in a decoder block's call arguments (see
+        :func:`hidden_input`)."""
+        return hidden_input(args, kwargs)
+
+    def with_block_hidden(
+        self, args: tuple, kwargs: Mapping[str, object], hidden: torch.Tensor
+    ) -> tuple[tuple, dict]:
+        """A decoder block's call arguments with the hidden state replaced by ``hidden``."""
+        return with_hidden_input(args, kwargs, hidden)
 
     @property
     def max_context(self) -> int:
@@ -289,6 +330,38 @@ class ModelAdapter:
 def module_of(param_name: str) -> str:
     """``"model.layers.3.mlp.down_proj.weight"`` -> ``"model.layers.3.mlp.down_proj"``."""
     return param_name.rpartition(".")[0]
+
+
+HIDDEN_ARGUMENT = "hidden_states"
+"""The keyword under which decoder blocks take the hidden state when it is not passed first."""
+
+
+def hidden_input(args: tuple, kwargs: Mapping[str, object]) -> torch.Tensor:
+    """The hidden-state tensor a module is called with: its first positional argument, else the
+    ``hidden_states`` keyword, else its first keyword argument.
+
+    Every supported decoder block takes the hidden state first (and linear layers their input),
+    so this is the one place that assumption is written down.
+    """
+    if args:
+        return first_tensor(args[0])
+    if HIDDEN_ARGUMENT in kwargs:
+        return first_tensor(kwargs[HIDDEN_ARGUMENT])
+    if kwargs:
+        return first_tensor(next(iter(kwargs.values())))
+    raise TypeError("the module was called without arguments: no hidden state to read")
+
+
+def with_hidden_input(
+    args: tuple, kwargs: Mapping[str, object], hidden: torch.Tensor
+) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the argument :func:`hidden_input` reads replaced by ``hidden``."""
+    if args:
+        return (hidden, *args[1:]), dict(kwargs)
+    key = HIDDEN_ARGUMENT if HIDDEN_ARGUMENT in kwargs else next(iter(kwargs), None)
+    if key is None:
+        raise TypeError("the module was called without arguments: no hidden state to replace")
+    return args, {**kwargs, key: hidden}
 
 
 def first_tensor(output: object) -> torch.Tensor:

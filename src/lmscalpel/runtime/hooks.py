@@ -1,134 +1,129 @@
-"""Context managers that read or rewrite what a module sees and produces.
+"""The one hook primitive: read or rewrite what modules see and produce during a forward pass.
 
-Every hook installed here is removed when the ``with`` block ends, also when the block raises.
-Modules are named by their dotted path in ``model.named_modules()`` (an adapter supplies the
-names, so nothing here knows an architecture).
+:func:`tap` installs one forward hook per named module and removes every one of them when the
+``with`` block ends, also when the block raises. Modules are named by their dotted path in
+``model.named_modules()`` (an adapter supplies the names, so nothing here knows an architecture).
+What a :class:`Tap` asks for:
 
-    with capture(model, ["model.layers.3.mlp.down_proj"], inputs=True) as seen:
+* ``input`` / ``output``: keep the module's input hidden tensor (its first argument, see
+  :func:`lmscalpel.models.adapter.hidden_input`) and/or its output hidden tensor;
+* ``replace``: rewrite the output hidden tensor, ``replace(output)`` (or ``replace(output,
+  input)`` with ``with_input``; e.g. ``output + ΔW @ input`` realises a weight change without
+  touching the weight);
+* ``grad``: keep the output with its autograd graph; an output that does not require grad yet
+  becomes a leaf that does, so ``torch.autograd.grad(loss, seen[name].output)`` returns
+  ∂loss/∂output (MEND's δ);
+* ``stop=True`` (for the whole call): end the forward pass as soon as every tapped module has run,
+  skipping the layers above.
+
+::
+
+    with tap(model, {"model.layers.3.mlp.down_proj": Tap(input=True)}, stop=True) as seen:
         model(input_ids)
-    keys = seen["model.layers.3.mlp.down_proj"].input        # (batch, seq, d_mlp)
+    keys = seen["model.layers.3.mlp.down_proj"].input          # (batch, seq, d_mlp)
 
-    with edit_output(model, "model.layers.3.mlp", lambda h: h + delta):
+    with tap(model, {"model.layers.3.mlp": Tap(replace=lambda h: h + delta)}):
         model(input_ids)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lmscalpel.models.adapter import first_tensor, replace_first_tensor
+from lmscalpel.models.adapter import first_tensor, hidden_input, replace_first_tensor
 
 
 class StopForward(Exception):  # a control-flow signal, not an error
-    """Raised inside a forward pass to skip the layers after the last captured module."""
+    """Raised inside a forward pass to skip the layers after the last tapped module."""
+
+
+@dataclass(frozen=True)
+class Tap:
+    """What :func:`tap` does at one module (see the module docstring).
+
+    ``input``: keep the input hidden tensor (always detached). ``output``: keep the output hidden
+    tensor (after ``replace``; detached unless ``grad``). ``replace``: a function of the output
+    (and, with ``with_input``, of the input as the module received it, graph included) returning
+    the new output hidden tensor. ``grad``: keep the output's graph, making it a leaf that
+    requires grad when it does not yet (and grad mode is on). ``clone``: keep copies, not the tensors themselves (for a
+    module called several times, or an output that a later in-place operation would change).
+    """
+
+    input: bool = False
+    output: bool = False
+    replace: Callable[..., torch.Tensor] | None = None
+    with_input: bool = False
+    grad: bool = False
+    clone: bool = False
 
 
 @dataclass
-class Captured:
-    """What one module saw (``input``: its first positional argument) and produced."""
+class Seen:
+    """What one tapped module received (``input``) and produced (``output``) at its last call;
+    ``None`` for what was not asked for, or when the module never ran."""
 
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None
 
 
-def _keep(tensor: torch.Tensor, detach: bool, clone: bool) -> torch.Tensor:
-    if detach:
-        tensor = tensor.detach()
-    return tensor.clone() if clone else tensor
-
-
-@contextmanager
-def capture(
-    model: nn.Module,
-    names: str | Sequence[str],
-    *,
-    inputs: bool = False,
-    outputs: bool = True,
-    detach: bool = True,
-    clone: bool = False,
-    stop: bool = False,
-) -> Iterator[dict[str, Captured]]:
-    """Record the input and/or output hidden tensor of each named module during the block.
-
-    With ``stop=True`` the forward pass is cut short right after the last named module has run
-    (``StopForward`` is raised there and swallowed on exit), which saves the cost of the layers
-    above it. With ``detach=False`` the captured tensors keep their autograd graph.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    records = {name: Captured() for name in names}
-    pending = set(names)
-    handles = []
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            record = records[name]
-            if inputs:
-                value = args[0] if args else next(iter(kwargs.values()))
-                record.input = _keep(first_tensor(value), detach, clone)
-            if outputs:
-                record.output = _keep(first_tensor(output), detach, clone)
-            pending.discard(name)
-            if stop and not pending:
-                raise StopForward
-
-        return hook
-
-    try:
-        for name in names:
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
-        yield records
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def edit_output(
-    model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[None]:
-    """Replace the named module's hidden-state output by ``fn(output)`` during the block."""
-    with edit_outputs(model, {name: fn}):
-        yield
-
-
-@contextmanager
-def edit_outputs(
-    model: nn.Module,
-    edits: dict[str, Callable[..., torch.Tensor]],
-    *,
-    with_inputs: bool = False,
-) -> Iterator[None]:
-    """:func:`edit_output` for several modules at once.
-
-    With ``with_inputs`` each function is called as ``fn(output, input)``, ``input`` being the
-    module's first argument: e.g. a linear layer's output plus ``ΔW @ input`` realises a weight
-    change ``ΔW`` without touching the weight.
-    """
-    handles = []
-
-    def make_hook(fn: Callable[..., torch.Tensor]) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+def _hook(name: str, spec: Tap, seen: Seen, done: Callable[[str], None]) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        new = None
+        if spec.input or spec.with_input:
+            received = hidden_input(args, kwargs)
+        if spec.input:
+            kept = received.detach()
+            seen.input = kept.clone() if spec.clone else kept
+        if spec.replace is not None or spec.grad or spec.output:
             hidden = first_tensor(output)
-            if with_inputs:
-                value = args[0] if args else next(iter(kwargs.values()))
-                return replace_first_tensor(output, fn(hidden, first_tensor(value)))
-            return replace_first_tensor(output, fn(hidden))
+            if spec.replace is not None:
+                new = spec.replace(hidden, received) if spec.with_input else spec.replace(hidden)
+                hidden = new
+            if spec.grad and not hidden.requires_grad and torch.is_grad_enabled():
+                new = hidden = hidden.detach().requires_grad_(True)
+            if spec.output:
+                kept = hidden if spec.grad else hidden.detach()
+                seen.output = kept.clone() if spec.clone and not spec.grad else kept
+        done(name)
+        return None if new is None else replace_first_tensor(output, new)
 
-        return hook
+    return hook
 
+
+@contextmanager
+def tap(
+    model: nn.Module, taps: Mapping[str, Tap], *, stop: bool = False
+) -> Iterator[dict[str, Seen]]:
+    """Tap the named modules of ``model`` during the block; yields ``{name: Seen}``.
+
+    With ``stop=True`` the forward pass ends right after the last tapped module has run (a
+    :class:`StopForward` is raised there and swallowed on exit, so the rest of the ``with`` body
+    is skipped too: call the model last in it). The hooks are removed on exit, also on error.
+    """
+    seen = {name: Seen() for name in taps}
+    pending = set(taps)
+    signal = StopForward()
+
+    def done(name: str) -> None:
+        pending.discard(name)
+        if stop and not pending:
+            raise signal
+
+    handles = []
     try:
-        for name, fn in edits.items():
+        for name, spec in taps.items():
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(make_hook(fn), with_kwargs=True))
-        yield
+            hook = _hook(name, spec, seen[name], done)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield seen
+    except StopForward as error:
+        if error is not signal:
+            raise  # another tap's stop: let it reach its own context
     finally:
         for handle in handles:
             handle.remove()
@@ -137,7 +132,7 @@ def edit_outputs(
 def add_at_positions(
     vector: torch.Tensor, positions: Sequence[int] | torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ``edit_output`` function that adds ``vector`` (d,) at one position per batch row.
+    """A ``replace`` function that adds ``vector`` (d,) at one position per batch row.
 
     ``positions[b]`` is the token index in row ``b``; the result is a new tensor, so autograd
     flows into ``vector``.
@@ -158,7 +153,7 @@ def replace_at_positions(
     positions: Sequence[int] | torch.Tensor,
     rows: Sequence[int] | torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ``edit_output`` function that overwrites one position in each of some batch rows.
+    """A ``replace`` function that overwrites one position in each of some batch rows.
 
     Row ``rows[i]`` (default: row ``i``, for every row) gets ``values[i]`` at token
     ``positions[i]``; ``values`` is (len(positions), d), or (d,) for the same vector everywhere.
@@ -179,38 +174,3 @@ def replace_at_positions(
         return out
 
     return fn
-
-
-@contextmanager
-def resume_at(
-    model: nn.Module, skipped: Sequence[str], resume: str, hidden: torch.Tensor
-) -> Iterator[None]:
-    """Run forward passes from block ``resume`` on, feeding it ``hidden`` as its input.
-
-    The blocks named in ``skipped`` (those below ``resume``) pass their input through instead of
-    computing, and ``resume`` receives ``hidden`` (the same batch's hidden state entering it, kept
-    from an earlier pass) as its first argument. When only the upper layers change between passes
-    (an edit of layer ``l`` and above), this saves the cost of everything below. Decoder blocks
-    must take the hidden state as their first argument and return it as a tensor, as all the
-    supported families do.
-    """
-    modules = [model.get_submodule(name) for name in skipped]
-
-    def passthrough(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return hidden_states
-
-    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (hidden, *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: hidden}
-
-    handle = model.get_submodule(resume).register_forward_pre_hook(feed, with_kwargs=True)
-    try:
-        for module in modules:
-            module.forward = passthrough
-        yield
-    finally:
-        handle.remove()
-        for module in modules:
-            module.__dict__.pop("forward", None)
