@@ -11,6 +11,7 @@ import torch
 
 from lmscalpel import EditRequest, LocalityProbe, edit, score_targets
 from lmscalpel.core.config import ConfigError
+from lmscalpel.core.requests import PortabilityProbe
 from lmscalpel.data.cases import cases_from_requests
 from lmscalpel.evaluation import EvalOptions, EvaluationError, MethodSpec, compare
 from lmscalpel.evaluation.aggregate import case_metrics
@@ -28,18 +29,15 @@ from lmscalpel.methods.mend import (
     save_editor,
     train_mend,
 )
+from lmscalpel.methods.mend.batches import EDIT, LOCALITY, PARAPHRASE, MetaBatch
+from lmscalpel.methods.mend.calibration import build_network, calibrate
 from lmscalpel.methods.mend.edited import edited_forward
 from lmscalpel.methods.mend.grads import lowest_layer, scored_logprobs
-from lmscalpel.methods.mend.train import (
-    LowerCache,
-    MetaBatch,
-    _from_start,
-    build_network,
-    calibrate,
-    reference,
-    split_records,
-    validate,
-)
+from lmscalpel.methods.mend.lower import LowerCache
+from lmscalpel.methods.mend.reference import reference
+from lmscalpel.methods.mend.train import split_records
+from lmscalpel.methods.mend.validation import validate
+from lmscalpel.runtime.layers import from_layer
 from lmscalpel.scoring import build_batch, token_logprobs
 from lmscalpel.testing import tiny_model
 
@@ -180,7 +178,7 @@ def test_functional_edit_matches_the_patched_weights(tiny):
     ref = reference(tiny, mb, network.parameter_names)
     with torch.no_grad():
         factors = network.factors(ref.grads)
-        with _from_start(tiny, ref.start, ref.hidden), edited_forward(tiny, factors, mb.owner):
+        with from_layer(tiny, ref.start, ref.hidden), edited_forward(tiny, factors, mb.owner):
             functional, _ = token_logprobs(tiny, mb.batch)
     for e in range(3):
         patch = mend_patch(tiny, [records[e]], network, MENDConfig())
@@ -212,6 +210,32 @@ def test_reference_pass_from_the_kept_lower_blocks_matches_a_full_pass(tiny):
             expected = scored_logprobs(tiny, batch)
         torch.testing.assert_close(ref.locality_logprobs, expected, rtol=1e-4, atol=1e-5)
     assert len(cache.store) == 3 * len(records)
+
+
+def test_a_meta_batch_scores_the_first_paraphrase_and_locality_probe_with_their_contrasts(tiny):
+    """Each edit contributes its prompt, first paraphrase and first locality probe (portability
+    probes are not trained on); validation batches add CounterFact's contrast pairs: the true
+    target after the prompt and paraphrase, the new target after the locality prompt."""
+    request = dataclasses.replace(
+        EIFFEL,
+        paraphrases=(*EIFFEL.paraphrases, "The Eiffel Tower stands in"),
+        locality=(*EIFFEL.locality, LocalityProbe("Big Ben is in the city of", "London")),
+        portability=(PortabilityProbe("The Eiffel Tower's country is", "Italy"),),
+    )
+    plain = MetaBatch.build(tiny, [request, APPLE])
+    assert plain.keys == [
+        (EIFFEL.prompt, "Rome"),
+        (EIFFEL.paraphrases[0], "Rome"),
+        (EIFFEL.locality[0].prompt, "Rome"),
+        (APPLE.prompt, "Bill Gates"),
+    ]
+    assert plain.role.tolist() == [EDIT, PARAPHRASE, LOCALITY, EDIT]
+    assert plain.partner.tolist() == [-1, -1, -1, -1]
+    contrasted = MetaBatch.build(tiny, [request, APPLE], contrasts=True)
+    targets = [key[1] for key in contrasted.keys]
+    assert targets == ["Rome", "Paris", "Rome", "Paris", "Rome", "Rome", "Bill Gates"]
+    assert contrasted.partner.tolist() == [1, -1, 3, -1, 5, -1, -1]  # APPLE has no true target
+    assert contrasted.owner[contrasted.edit_rows[1]] == 1
 
 
 # ---- the network ------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import pytest
 
 from lmscalpel import Patch, edit, score_targets
 from lmscalpel.methods.ike import load_pool
-from lmscalpel.methods.mend import MENDTrainConfig, save_editor, train_mend
-from lmscalpel.methods.mend.train import split_records
+from lmscalpel.methods.mend import MENDTrainConfig, save_editor, split_records, train_mend
 from lmscalpel.models.fingerprint import tensor_digest
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

@@ -16,7 +16,7 @@ from lmscalpel.locate import (
     trace,
     window_layers,
 )
-from lmscalpel.locate import tracing as tracing_module
+from lmscalpel.locate import restoration as restoration_module
 from lmscalpel.locate.aggregate import (
     KnownFact,
     aggregate,
@@ -25,7 +25,7 @@ from lmscalpel.locate.aggregate import (
     traced_positions,
 )
 from lmscalpel.locate.tracing import noise_draws
-from lmscalpel.runtime.hooks import edit_output, edit_outputs, replace_at_positions
+from lmscalpel.runtime.hooks import Tap, replace_at_positions, tap
 from lmscalpel.testing import tiny_model
 from lmscalpel.tokens import encode_prompt, subject_token_positions
 
@@ -52,10 +52,9 @@ def _reference(lm, prompt, subject, answer_token, kind, window, sigma, samples, 
     clean = {}
     with torch.no_grad():
         for layer in range(n_layers):
-            seen = {}
-            with edit_output(lm.model, name(layer), lambda h, s=seen: s.setdefault("h", h)):
+            with tap(lm.model, {name(layer): Tap(output=True)}) as seen:
                 lm.model(ids)
-            clean[layer] = seen["h"][0]
+            clean[layer] = seen[name(layer)].output[0]
 
     def prob(draw, restore):
         def corrupt(h):
@@ -63,10 +62,10 @@ def _reference(lm, prompt, subject, answer_token, kind, window, sigma, samples, 
             h[0, subject_pos] += draw
             return h
 
-        edits = {a.spec.embeddings: corrupt}
+        taps = {a.embeddings_name: Tap(replace=corrupt)}
         for layer, token in restore:
-            edits[name(layer)] = replace_at_positions(clean[layer][token], [token])
-        with torch.no_grad(), edit_outputs(lm.model, edits):
+            taps[name(layer)] = Tap(replace=replace_at_positions(clean[layer][token], [token]))
+        with torch.no_grad(), tap(lm.model, taps):
             logits = lm.model(ids).logits[0, -1]
         return float(torch.softmax(logits.float(), -1)[answer_token])
 
@@ -168,7 +167,7 @@ def test_bad_input_raises_clearly_and_leaves_no_hooks(tiny, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tracing_module, "run_layers", explode)
+    monkeypatch.setattr(restoration_module, "run_layers", explode)
     with pytest.raises(RuntimeError, match="boom"):
         trace(tiny, PROMPT, SUBJECT, samples=2, noise=1.0)
     assert _hook_count(tiny.model) == 0

@@ -6,10 +6,10 @@ layer's output on row r (owned by edit e = owner[r]) is
 
     y' = W x + ΔW_e x = y + left_e (right_e x),
 
-which a forward hook adds to the module's output (:func:`lmscalpel.runtime.hooks.edit_outputs` with
-inputs). One batched forward pass thus evaluates every edit of a meta-batch; the base model's
-parameters are never modified, so nothing needs restoring even if the pass fails (the hooks are
-removed on exit). Mitchell et al. 2022, "Fast Model Editing at Scale", Algorithm 1 (the edited
+which a tap adds to the module's output (:func:`lmscalpel.runtime.hooks.tap`, a ``replace`` with
+the module's input). One batched forward pass thus evaluates every edit of a meta-batch; the base
+model's parameters are never modified, so nothing needs restoring even if the pass fails (the
+hooks are removed on exit). Mitchell et al. 2022, "Fast Model Editing at Scale", Algorithm 1 (the edited
 parameters W̃ = W - η ∇̃W used in the loss).
 """
 
@@ -23,7 +23,7 @@ import torch
 from lmscalpel.methods.mend.network import LowRank
 from lmscalpel.models.adapter import module_of
 from lmscalpel.models.loaded import LoadedModel
-from lmscalpel.runtime.hooks import edit_outputs
+from lmscalpel.runtime.hooks import Tap, tap
 
 
 def _adder(left: torch.Tensor, right: torch.Tensor, owner: torch.Tensor) -> Callable:
@@ -45,9 +45,9 @@ def edited_forward(
     ``factors``: weight name -> (left (E, out, T), right (E, T, in)); ``owner``: (R,) edit index
     of each batch row.
     """
-    edits = {
-        module_of(name): _adder(left, right, owner.to(left.device))
+    taps = {
+        module_of(name): Tap(replace=_adder(left, right, owner.to(left.device)), with_input=True)
         for name, (left, right) in factors.items()
     }
-    with edit_outputs(lm.model, edits, with_inputs=True):
+    with tap(lm.model, taps):
         yield

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.config import ConfigError, MethodConfig, option
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.methods.base import Editor, register
 from lmscalpel.methods.mend.checkpoint import editor_digest, load_editor, read_editor_config
@@ -42,9 +42,13 @@ class MENDConfig(MethodConfig):
     untrained baseline "a gradient step of the same size".
     """
 
-    editor: str | None = None
-    step_scale: float | None = None
-    direction: Literal["learned", "gradient"] = "learned"
+    editor: str | None = option(None, "folder of an editor trained for this model")
+    step_scale: float | None = option(
+        None, "multiple of the learned step sizes (None: the one chosen when training)"
+    )
+    direction: Literal["learned", "gradient"] = option(
+        "learned", "the editor's ΔW, or the plain gradient step rescaled to its norm"
+    )
 
 
 def _delta(lm: LoadedModel, name: str, left: torch.Tensor, right: torch.Tensor) -> ParameterDelta:

@@ -6,10 +6,11 @@ A linear layer y = W u (+ b) applied at every token t of a batch has the weight 
 
 a sum of rank-one outer products (Mitchell et al. 2022, "Fast Model Editing at Scale", §3.1). MEND
 transforms the pairs (u_t, δ_t) — d_in + d_out numbers per token — instead of the d_out x d_in
-gradient. This module records them for the edited matrices with hooks: a forward hook keeps each
-module's input u, and the module's output is made a differentiable node whose gradient
-:func:`torch.autograd.grad` returns as δ. Only the layers from the lowest edited matrix upwards
-take part in the backward pass; the base model's parameters never require grad.
+gradient. This module records them for the edited matrices with one
+:func:`lmscalpel.runtime.hooks.tap`: it keeps each module's input u, and the module's output is
+made a differentiable node whose gradient :func:`torch.autograd.grad` returns as δ. Only the
+layers from the lowest edited matrix upwards take part in the backward pass; the base model's
+parameters never require grad.
 
 Shapes are in the adapter's (out, in) convention whatever the storage (GPT-2's ``Conv1D`` stores
 (in, out); see :meth:`ModelAdapter.to_storage`), because u and δ are read at the module's input and
@@ -18,19 +19,17 @@ output, not from its weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from lmscalpel.core.config import ConfigError
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.methods.base import resolve_layers
-from lmscalpel.models.adapter import ModelAdapter, first_tensor, module_of, replace_first_tensor
+from lmscalpel.models.adapter import ModelAdapter, module_of
 from lmscalpel.models.loaded import LoadedModel
-from lmscalpel.runtime.hooks import Captured
+from lmscalpel.runtime.hooks import Seen, Tap, tap
 from lmscalpel.scoring import TeacherForcedBatch, build_batch, hidden_states
 
 
@@ -80,48 +79,29 @@ class TokenGrads:
         return torch.einsum("eto,eti->oi", d, u)
 
 
-@contextmanager
-def record_io(model: nn.Module, param_names: Sequence[str]) -> Iterator[dict[str, Captured]]:
-    """Record each named weight's module input (detached) and output (a differentiable node).
+def io_taps(param_names: Sequence[str]) -> dict[str, Tap]:
+    """The taps that give each named weight's module input u and output δ node.
 
-    A module whose output does not require grad yet (the lowest edited ones: nothing below them
-    is trainable) gets its output turned into a leaf that does, so the graph starts there.
+    Keyed by module name (see :func:`lmscalpel.models.adapter.module_of`). A module whose output
+    does not require grad yet (the lowest edited ones: nothing below them is trainable) gets its
+    output turned into a leaf that does, so the graph starts there.
     """
-    records = {name: Captured() for name in param_names}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-            value = args[0] if args else next(iter(kwargs.values()))
-            out = first_tensor(output)
-            if not out.requires_grad:
-                out = out.detach().requires_grad_(True)
-            records[name].input = first_tensor(value).detach()
-            records[name].output = out
-            return replace_first_tensor(output, out)
-
-        return hook
-
-    try:
-        for name in param_names:
-            module = model.get_submodule(module_of(name))
-            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
+    return {module_of(name): Tap(input=True, output=True, grad=True) for name in param_names}
 
 
 def token_grads(
-    records: dict[str, Captured],
+    seen: Mapping[str, Seen],
+    param_names: Sequence[str],
     loss: torch.Tensor,
     rows: Sequence[int],
     attention_mask: torch.Tensor,
 ) -> TokenGrads:
-    """δ = ∂loss/∂output of each recorded module, with its inputs u, for the batch rows ``rows``
-    (one per edit, in edit order). ``attention_mask`` is the batch's (B, S) mask."""
-    names = list(records)
-    outputs = [records[n].output for n in names]
+    """δ = ∂loss/∂output of each weight's module, with its inputs u, for the batch rows ``rows``
+    (one per edit, in edit order). ``seen``: what :func:`io_taps` kept; ``attention_mask`` is the
+    batch's (B, S) mask."""
+    names = list(param_names)
+    records = [seen[module_of(n)] for n in names]
+    outputs = [r.output for r in records]
     if any(o is None for o in outputs):
         missing = [n for n, o in zip(names, outputs) if o is None]
         raise RuntimeError(f"the forward pass never reached {missing}")
@@ -130,8 +110,8 @@ def token_grads(
     mask = attention_mask[rows_t].bool()
     keep = mask.unsqueeze(-1)
     inputs_out, grads_out = {}, {}
-    for name, out, grad in zip(names, outputs, grads):
-        u = records[name].input[rows_t].float()
+    for name, record, out, grad in zip(names, records, outputs, grads):
+        u = record.input.detach()[rows_t].float()
         d = torch.zeros_like(out[rows_t]) if grad is None else grad[rows_t]
         inputs_out[name] = u * keep
         grads_out[name] = d.detach().float() * keep
@@ -161,8 +141,8 @@ def edit_token_grads(
     batch = build_batch(
         lm, [r.prompt for r in requests], [r.target_new for r in requests], share_prefixes=False
     )
-    with torch.enable_grad(), record_io(lm.model, param_names) as records:
+    with torch.enable_grad(), tap(lm.model, io_taps(param_names)) as seen:
         logprobs = scored_logprobs(lm, batch)
         chosen = logprobs.gather(1, batch.token_ids[:, None]).squeeze(1)
         loss = -pair_means(chosen, batch).sum()
-        return token_grads(records, loss, batch.rows_of_pairs, batch.attention_mask)
+        return token_grads(seen, param_names, loss, batch.rows_of_pairs, batch.attention_mask)
