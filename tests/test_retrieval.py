@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from lmscalpel.models.loading import ModelNotAvailableError
-from lmscalpel.retrieval import SentenceEncoder, encoder_path, load_encoder, most_similar
+from lmscalpel.retrieval import (
+    EMBEDDINGS,
+    SentenceEncoder,
+    encoder_path,
+    load_encoder,
+    most_similar,
+)
 
 POOL = [
     "The Eiffel Tower is located in the city of Paris",
@@ -43,6 +49,9 @@ def test_pool_embeddings_are_cached_on_disk_by_content(tmp_path, monkeypatch):
     files = list((tmp_path / "embeddings").glob("*.safetensors"))
     assert len(files) == 1
 
+    assert EMBEDDINGS.computed >= 1
+    EMBEDDINGS.forget()
+    loaded = EMBEDDINGS.loaded
     fresh = SentenceEncoder(encoder_path())  # a new process, in effect: nothing in memory
 
     def no_model(*args, **kwargs):
@@ -50,6 +59,7 @@ def test_pool_embeddings_are_cached_on_disk_by_content(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fresh, "encode", no_model)
     assert torch.equal(fresh.encode_cached(POOL), first)
+    assert EMBEDDINGS.loaded == loaded + 1  # from the disk
     # other texts are another cache entry
     SentenceEncoder(encoder_path()).encode_cached(POOL[:3])
     assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 2

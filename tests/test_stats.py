@@ -17,14 +17,13 @@ from lmscalpel.mechanics.stats import (
     statistics_path,
 )
 from lmscalpel.models.adapter import module_of
-from lmscalpel.runtime.hooks import capture
+from lmscalpel.runtime.hooks import Tap, tap
 from lmscalpel.testing import CORPUS, tiny_model
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LMSCALPEL_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(stats, "_MEMORY", {})
     return tmp_path / "home"
 
 
@@ -50,7 +49,7 @@ def corpus_inputs(lm, module: str) -> torch.Tensor:
     inputs = []
     for doc in CORPUS:
         ids = lm.tokenizer(doc, return_tensors="pt")["input_ids"]
-        with capture(lm.model, module, inputs=True) as seen:
+        with tap(lm.model, {module: Tap(input=True)}) as seen:
             lm.model(input_ids=ids)
         inputs.append(seen[module].input[0])
     return torch.cat(inputs)
@@ -88,7 +87,7 @@ def test_input_statistics_of_several_weights_come_from_one_pass(
         expected = inputs.T.double() @ inputs.double() / len(inputs)
         assert torch.allclose(result[weight].moment.double(), expected, rtol=1e-4, atol=1e-5)
     assert n_batches == -(-len(CORPUS) // 16)  # one pass for both weights
-    stats._MEMORY.clear()
+    stats.STATISTICS.forget()
     monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
     again = input_statistics(lm, weights[::-1], corpus_file, samples=10_000, progress=False)
     assert all(torch.equal(again[w].moment, result[w].moment) for w in weights)
@@ -113,11 +112,20 @@ def test_cache_hit_miss_and_key(tiny, corpus_file, home, monkeypatch):
     assert tiny.adapter.mlp_out_weight_name(1) in path.name and ".60." in path.name
     assert first.count == 60
 
-    # a hit (fresh process: empty memory) reads the file and runs no model
-    monkeypatch.setattr(stats, "_MEMORY", {})
+    # in the same process the very object is remembered (its Cholesky factor with it)
+    first.solve(torch.ones(first.moment.shape[0]))
     monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    assert key_statistics(tiny, 1, corpus_file, samples=60, progress=False) is first
+
+    # a hit in a fresh process (empty memory) reads the file and runs no model
+    stats.STATISTICS.forget()
+    loaded = stats.STATISTICS.loaded
     again = key_statistics(tiny, 1, corpus_file, samples=60, progress=False)
     assert torch.equal(again.moment, first.moment) and again.count == 60
+    assert (again.layer, again.corpus, again.path, again.weight) == (
+        first.layer, first.corpus, first.path, first.weight
+    )  # fmt: skip
+    assert stats.STATISTICS.loaded == loaded + 1
     monkeypatch.undo()
     monkeypatch.setenv("LMSCALPEL_HOME", str(home))
 
@@ -227,3 +235,43 @@ def test_a_hub_dataset_that_is_not_cached_is_a_clear_error_not_a_download(monkey
         resolve_corpus("hf:nobody/no-such-corpus:default@train")
     assert calls == [True]  # loaded with the hub switched off
     assert before == datasets.config.HF_HUB_OFFLINE  # and the setting restored afterwards
+
+
+def test_statistics_cached_by_earlier_versions_stay_valid(tiny, corpus_file, home, monkeypatch):
+    """A file in the layout lmscalpel wrote before the one disk cache (same path, same tensor,
+    same metadata) is read, not recomputed."""
+    from safetensors.torch import save_file
+
+    source = resolve_corpus(corpus_file)
+    path = statistics_path(tiny, 1, source, 40)
+    assert path == home / "stats" / tiny.fingerprint / (
+        f"{tiny.adapter.mlp_out_weight_name(1)}.{source.id}.40.safetensors"
+    )
+    path.parent.mkdir(parents=True)
+    moment = torch.eye(tiny.adapter.matrix_shape(tiny.adapter.mlp_out_weight_name(1))[1])
+    metadata = {"count": "40", "layer": "1", "weight": tiny.adapter.mlp_out_weight_name(1),
+                "corpus": source.id, "model": tiny.name, "fingerprint": tiny.fingerprint,
+                "max_length": "128"}  # fmt: skip
+    save_file({"moment": moment}, str(path), metadata=metadata)
+    monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    found = key_statistics(tiny, 1, corpus_file, samples=40, progress=False)
+    assert torch.equal(found.moment, moment) and found.count == 40 and found.path == path
+
+
+def test_a_corrupt_statistics_file_is_recomputed(tiny, corpus_file, caplog):
+    first = key_statistics(tiny, 1, corpus_file, samples=40, progress=False)
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    stats.STATISTICS.forget()
+    computed = stats.STATISTICS.computed
+    again = key_statistics(tiny, 1, corpus_file, samples=40, progress=False)
+    assert "unreadable cache entry" in caplog.text and stats.STATISTICS.computed == computed + 1
+    assert torch.equal(again.moment, first.moment)
+
+
+def test_sampled_corpus_chunks_are_read_back_not_sampled_again(tiny, home, monkeypatch):
+    corpus = SampledCorpus(length=16, chunk=4)
+    first = next(corpus.rows(tiny, max_length=8))
+    stats.CORPORA.forget()
+    monkeypatch.setattr(tiny.model, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    assert next(corpus.rows(tiny, max_length=8)) == first
+    assert (home / "corpora" / tiny.fingerprint / f"{corpus.id}-0.safetensors").is_file()

@@ -23,15 +23,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lmscalpel.core.files import atomic_path
-from lmscalpel.core.paths import ModelNotAvailableError, file_key, lmscalpel_home, package_dir
+from lmscalpel.core.cache import TENSORS, DiskCache, TensorFile
+from lmscalpel.core.paths import ModelNotAvailableError, file_key, package_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _MEMO_LIMIT = 200_000  # texts remembered per encoder and process (~300 MB at d = 384)
+
+EMBEDDINGS = DiskCache("embeddings", TENSORS)
+"""Embeddings of whole pools: ``embeddings/<encoder key>-<texts digest>.safetensors``."""
 
 
 def encoder_path(spec: str | os.PathLike | None = None) -> Path:
@@ -125,16 +127,17 @@ class SentenceEncoder:
         for text in texts:
             digest.update(text.encode())
             digest.update(b"\0")
-        path = lmscalpel_home() / "embeddings" / f"{self.key}-{digest.hexdigest()[:16]}.safetensors"
-        if path.is_file():
-            embeddings = load_file(str(path))["embeddings"]
-            if embeddings.shape[0] == len(texts):
-                return embeddings
-        log.info("embedding %d pool texts with %s (cached afterwards)", len(texts), self.path.name)
-        embeddings = self.encode(texts).contiguous()
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": embeddings}, str(tmp))
-        return embeddings
+
+        def compute() -> TensorFile:
+            log.info("embedding %d pool texts with %s (cached)", len(texts), self.path.name)
+            return TensorFile({"embeddings": self.encode(texts).contiguous()})
+
+        def fits(stored: TensorFile) -> bool:
+            found = stored.tensors.get("embeddings")
+            return found is not None and found.dim() == 2 and found.shape[0] == len(texts)
+
+        key = (f"{self.key}-{digest.hexdigest()[:16]}",)
+        return EMBEDDINGS.get(key, compute, check=fits)["embeddings"]
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,8 +1,17 @@
 """Where lmscalpel keeps things on disk, and how installed packages and large files are found.
 
-Everything lmscalpel computes once and reuses (converted models, key statistics, context prefixes,
-sentence embeddings, tracing noise levels) lives under one root, :func:`lmscalpel_home`:
-``$LMSCALPEL_HOME`` or ``~/.cache/lmscalpel``.
+Everything lmscalpel computes once and reuses lives under one root, :func:`lmscalpel_home`:
+``$LMSCALPEL_HOME`` or ``~/.cache/lmscalpel``::
+
+    models/<gguf>-<key>/          converted GGUF models (lmscalpel.models.loading)
+    gguf/                         GGUF files assembled from chunk packages
+    stats/<fingerprint>/          key statistics (lmscalpel.mechanics.stats)
+    corpora/<fingerprint>/        text sampled from a model, for statistics
+    prefixes/<fingerprint>.json   context prefixes (lmscalpel.mechanics.prefixes)
+    embeddings/                   sentence embeddings of pools (lmscalpel.retrieval)
+    tracing/embedding_std.json    tracing noise levels (lmscalpel.locate.noise)
+
+The last five are each one :class:`lmscalpel.core.cache.DiskCache`.
 """
 
 from __future__ import annotations

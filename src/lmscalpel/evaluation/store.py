@@ -12,7 +12,10 @@ Layout of ``out/``::
 
 Records are appended one line at a time, flushed and fsynced; a line cut short by a crash is
 dropped (with a warning) when the file is read back, so a record is either whole or absent.
-Whole files (summary, table, manifest) are written next to their place and renamed into it.
+Whole files (summary, table, manifest) are written next to their place and renamed into it;
+folders (a method's results, a sequential state, the saved patches in it) are replaced or removed
+whole (:mod:`lmscalpel.core.files`), so a run killed while clearing them leaves them complete or
+gone, never a ``state.json`` naming deleted weights.
 """
 
 from __future__ import annotations
@@ -25,11 +28,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmscalpel.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmscalpel.core.files import (
+    atomic_folder,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    discard_folder,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "JsonLines",
+    "RunStore",
+    "atomic_folder",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "discard_folder",
+    "safe_name",
+]
 
 
 class JsonLines:
@@ -117,3 +135,11 @@ class RunStore:
 
     def state_dir(self, label: str) -> Path:
         return self.method_dir(label) / "state"
+
+    def clear_method(self, label: str) -> None:
+        """Remove a method's results (its folder), whole: a crash leaves them all or none."""
+        discard_folder(self.method_dir(label))
+
+    def clear_state(self, label: str) -> None:
+        """Remove a method's saved sequential state, whole (it is only needed to resume)."""
+        discard_folder(self.state_dir(label))

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmscalpel.core.files import atomic_write_json
-from lmscalpel.core.paths import lmscalpel_home
+from lmscalpel.core.cache import JSON, DiskCache
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.tokens import SubjectNotFoundError, encode_prompt, subject_token_positions
 
@@ -77,8 +76,9 @@ def embedding_std(lm: LoadedModel, sample: Sequence[tuple[str, str]] | None = No
         return float(embed(torch.tensor(ids, device=lm.device)).float().std())
 
 
-def _cache_file() -> Path:
-    return lmscalpel_home() / "tracing" / "embedding_std.json"
+NOISE = DiskCache("tracing", JSON)
+"""One JSON table, ``tracing/embedding_std.json``: ``"<fingerprint>:<chat>:<sample>"`` -> the
+standard deviation."""
 
 
 def _sample_key(sample: Sequence[tuple[str, str]] | None) -> str:
@@ -106,11 +106,8 @@ def noise_level(
             log.info("no sample of known facts found; using the vocabulary's embedding std")
     if isinstance(sample, (str, os.PathLike)):
         sample = subject_pairs(sample)
+    if not cache:
+        return factor * embedding_std(lm, sample)
     key = f"{lm.fingerprint}:{int(lm.chat)}:{_sample_key(sample)}"
-    path = _cache_file()
-    table = json.loads(path.read_text()) if cache and path.is_file() else {}
-    if key not in table:
-        table[key] = embedding_std(lm, sample)
-        if cache:
-            atomic_write_json(path, table, indent=1)
-    return factor * float(table[key])
+    std = NOISE.entry(("embedding_std",), key, lambda: embedding_std(lm, sample))
+    return factor * float(std)

@@ -13,12 +13,9 @@ kept under ``$LMSCALPEL_HOME/prefixes/<fingerprint>.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 
-from lmscalpel.core.files import atomic_write_json
-from lmscalpel.core.paths import lmscalpel_home
+from lmscalpel.core.cache import JSON, DiskCache
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.scoring import generate
 
@@ -26,11 +23,9 @@ log = logging.getLogger(__name__)
 
 OPENINGS = ("The", "Therefore", "Because", "I", "You")
 
-_MEMORY: dict[tuple[str, int, int, int], list[str]] = {}
-
-
-def _cache_file(lm: LoadedModel) -> Path:
-    return lmscalpel_home() / "prefixes" / f"{lm.fingerprint}.json"
+PREFIXES = DiskCache("prefixes", JSON)
+"""One JSON table per model, ``prefixes/<fingerprint>.json``: ``"<count>x<length>-seed<seed>"``
+-> the prefixes."""
 
 
 def _clean(text: str) -> str:
@@ -46,23 +41,13 @@ def context_prefixes(lm: LoadedModel, count: int = 5, length: int = 5, seed: int
     """
     if count < 0 or length < 1:
         raise ValueError(f"need count >= 0 and length >= 1, got count={count}, length={length}")
-    key = (lm.fingerprint, count, length, seed)
-    if key in _MEMORY:
-        return list(_MEMORY[key])
-    path = _cache_file(lm)
-    entry = f"{count}x{length}-seed{seed}"
-    stored: dict[str, list[str]] = {}
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable prefix cache %s", path)
-    if entry not in stored:
+
+    def make() -> list[str]:
         starts = [OPENINGS[i % len(OPENINGS)] for i in range(count)]
         raw = dataclasses.replace(lm, chat=False, context_patches=[])  # plain text, no template
         texts = generate(raw, starts, max_new_tokens=length, sample=True, top_k=5, seed=seed)
-        stored[entry] = [_clean(s + t) for s, t in zip(starts, texts)]
-        log.info("generated %d context prefixes for %s (cached in %s)", count, lm.name, path)
-        atomic_write_json(path, stored, indent=1)
-    _MEMORY[key] = ["", *stored[entry]]
-    return list(_MEMORY[key])
+        log.info("generated %d context prefixes for %s", count, lm.name)
+        return [_clean(s + t) for s, t in zip(starts, texts)]
+
+    stored = PREFIXES.entry((lm.fingerprint,), f"{count}x{length}-seed{seed}", make)
+    return ["", *stored]

@@ -31,17 +31,15 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from lmscalpel.core.cache import TENSORS, DiskCache, TensorFile, tensor_codec
 from lmscalpel.core.config import ConfigError
-from lmscalpel.core.files import atomic_path
-from lmscalpel.core.paths import lmscalpel_home
 from lmscalpel.models.adapter import module_of
 from lmscalpel.models.loaded import LoadedModel
-from lmscalpel.runtime.hooks import capture
+from lmscalpel.runtime.hooks import Tap, tap
+from lmscalpel.runtime.kv import run_body
 from lmscalpel.scoring import pad_token_id, right_padded
 
 log = logging.getLogger(__name__)
@@ -49,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CORPUS = "model"
 DEFAULT_SAMPLES = 20_000
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+CORPORA = DiskCache("corpora", TENSORS)
+"""Text sampled from a model: ``corpora/<fingerprint>/<corpus>-<chunk>.safetensors``."""
 
 
 # ---- the accumulator (pure) ------------------------------------------------------------------
@@ -234,16 +235,20 @@ class SampledCorpus:
         self.id = f"model-s{self.seed}-l{self.length}" + (f"-k{self.top_k}" if self.top_k else "")
 
     def _chunk(self, lm: LoadedModel, index: int) -> torch.Tensor:
-        path = lmscalpel_home() / "corpora" / lm.fingerprint / f"{self.id}-{index}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["tokens"].long()
+        key = (lm.fingerprint, f"{self.id}-{index}")
+        stored = CORPORA.get(
+            key, lambda: self._sample(lm, index), check=lambda f: "tokens" in f.tensors
+        )
+        return stored["tokens"].long()
+
+    def _sample(self, lm: LoadedModel, index: int) -> TensorFile:
         log.info(
             "sampling %d x %d tokens of text from %s for statistics (chunk %d, cached in %s)",
             self.chunk,
             self.length,
             lm.name,
             index,
-            path.parent,
+            CORPORA.path((lm.fingerprint, self.id)).parent,
         )
         tok = lm.tokenizer
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -265,10 +270,7 @@ class SampledCorpus:
             out = lm.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
             )
-        tokens = out[:, 1:].to("cpu", torch.int32).contiguous()
-        with atomic_path(path) as tmp:
-            save_file({"tokens": tokens}, str(tmp))
-        return tokens.long()
+        return TensorFile({"tokens": out[:, 1:].to("cpu", torch.int32).contiguous()})
 
     def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
         special = set(lm.tokenizer.all_special_ids)
@@ -317,6 +319,7 @@ class KeyStatistics:
     corpus: str
     path: Path | None = None
     weight: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)
     _cholesky: torch.Tensor | None = field(default=None, repr=False)
 
     def solve(self, keys: torch.Tensor) -> torch.Tensor:
@@ -334,16 +337,35 @@ class KeyStatistics:
         return solved.reshape(keys.shape)
 
 
-_MEMORY: dict[Path, KeyStatistics] = {}
+def _encode(stats: KeyStatistics) -> TensorFile:
+    return TensorFile({"moment": stats.moment}, stats.metadata)
+
+
+def _decode(stored: TensorFile, path: Path) -> KeyStatistics:
+    meta = stored.metadata
+    moment = stored["moment"]
+    if moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
+        raise ValueError(f"moment of shape {tuple(moment.shape)} is not square")
+    count, layer = int(meta["count"]), int(meta["layer"])
+    return KeyStatistics(moment, count, layer, meta["corpus"], path, meta["weight"], meta)
+
+
+STATISTICS = DiskCache("stats", tensor_codec(_encode, _decode))
+"""Key statistics: ``stats/<fingerprint>/<weight>.<corpus>.<samples>.safetensors``, the moment
+and, as metadata, its count, layer, weight, corpus, model and fingerprint."""
+
+
+def _statistics_key(
+    lm: LoadedModel, layer: int | str, corpus: Corpus, samples: int
+) -> tuple[str, str]:
+    weight = layer if isinstance(layer, str) else lm.adapter.mlp_out_weight_name(layer)
+    return (lm.fingerprint, f"{weight}.{corpus.id}.{samples}")
 
 
 def statistics_path(lm: LoadedModel, layer: int | str, corpus: Corpus, samples: int) -> Path:
     """Where the statistics of (model, weight, corpus, sample count) are cached; ``layer``: the
     layer whose MLP output matrix's keys they are, or a weight's name."""
-    weight = layer if isinstance(layer, str) else lm.adapter.mlp_out_weight_name(layer)
-    return (
-        lmscalpel_home() / "stats" / lm.fingerprint / f"{weight}.{corpus.id}.{samples}.safetensors"
-    )
+    return STATISTICS.path(_statistics_key(lm, layer, corpus, samples))
 
 
 def key_statistics(
@@ -392,17 +414,11 @@ def input_statistics(
     source = resolve_corpus(corpus)
     found: dict[str, KeyStatistics] = {}
     for weight in weights:
-        path = statistics_path(lm, weight, source, samples)
-        if path in _MEMORY:
-            found[weight] = _MEMORY[path]
-        elif path.is_file():
-            with safe_open(str(path), "pt") as handle:
-                count = int((handle.metadata() or {}).get("count", samples))
-                moment = handle.get_tensor("moment")
-            layer = lm.adapter.layer_of(weight)
-            found[weight] = KeyStatistics(moment, count, layer, source.id, path, weight)
-            _MEMORY[path] = found[weight]
-            log.debug("statistics cache hit: %s", path)
+        key = _statistics_key(lm, weight, source, samples)
+        stored = STATISTICS.load(key)
+        if stored is not None:
+            found[weight] = stored
+            log.debug("statistics cache hit: %s", STATISTICS.path(key))
     missing = [w for w in dict.fromkeys(weights) if w not in found]
     if not missing:
         return found
@@ -427,11 +443,11 @@ def input_statistics(
             "fingerprint": lm.fingerprint,
             "max_length": str(max_length),
         }
-        path = statistics_path(lm, weight, source, samples)
-        with atomic_path(path) as tmp:
-            save_file({"moment": moment}, str(tmp), metadata=metadata)
-        found[weight] = KeyStatistics(moment, accumulator.count, layer, source.id, path, weight)
-        _MEMORY[path] = found[weight]
+        key = _statistics_key(lm, weight, source, samples)
+        found[weight] = KeyStatistics(
+            moment, accumulator.count, layer, source.id, STATISTICS.path(key), weight, metadata
+        )
+        STATISTICS.save(key, found[weight])
     return found
 
 
@@ -458,13 +474,9 @@ def _accumulate(
             if not batch:
                 break
             ids, mask = right_padded(lm, batch)
-            with (
-                torch.no_grad(),
-                capture(
-                    lm.model, list(set(modules.values())), inputs=True, outputs=False, stop=True
-                ) as seen,
-            ):
-                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            taps = dict.fromkeys(set(modules.values()), Tap(input=True))
+            with torch.no_grad(), tap(lm.model, taps, stop=True) as seen:
+                run_body(lm, ids, mask)
             valid = mask.bool()
             taken = min(int(valid.sum()), samples - count)
             for weight, module in modules.items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lmscalpel.core.files import atomic_folder, discard_folder, recover_folder
 from lmscalpel.core.paths import ModelNotAvailableError, file_key, lmscalpel_home, package_dir
 from lmscalpel.models.adapter import ModelAdapter
 from lmscalpel.models.fingerprint import model_fingerprint
@@ -55,8 +55,14 @@ def converted_gguf_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file to a float32 Hugging Face folder once; return the cached folder."""
+    """Dequantize a GGUF file to a float32 Hugging Face folder once; return the cached folder.
+
+    The folder is written beside its place and renamed into it whole (:func:`atomic_folder`), so
+    a conversion killed half-way leaves nothing that looks converted; when two processes convert
+    at once, the first to finish wins and the other's copy is discarded.
+    """
     target = converted_gguf_dir(gguf)
+    recover_folder(target)
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to float32 safetensors (once; about a minute)", gguf.name)
@@ -71,14 +77,11 @@ def convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        discard_folder(target)  # a folder there without config.json is no conversion
+    with atomic_folder(target, replace=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     log.info("converted in %.0f s -> %s", time.perf_counter() - start, target)
     return target
 

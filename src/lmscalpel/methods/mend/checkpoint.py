@@ -13,13 +13,13 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
 from lmscalpel.core.config import ConfigError
+from lmscalpel.core.files import atomic_folder, recover_folder
 from lmscalpel.core.version import __version__
 from lmscalpel.methods.mend.network import MENDNetwork
 from lmscalpel.models.loaded import LoadedModel
@@ -40,9 +40,17 @@ def save_editor(
     folder: str | os.PathLike,
     training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``network`` (trained for ``lm``) to ``folder``, atomically (temp folder + rename)."""
+    """Write ``network`` (trained for ``lm``) to ``folder``, atomically: a crash at any moment
+    leaves ``folder`` holding the old editor or the new one, whole (:func:`atomic_folder`).
 
+    An existing folder is replaced only if it holds a saved editor (or nothing): saving over
+    another folder by mistake is refused rather than deleting it."""
     folder = Path(folder)
+    recover_folder(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
+        raise EditorCheckpointError(
+            f"{folder} exists and is not a saved editor; choose another folder or delete it"
+        )
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -57,15 +65,10 @@ def save_editor(
         "parameters": {name: list(shape) for name, shape in network.shapes.items()},
         "training": training or {},
     }
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
-    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return folder
 
 
@@ -91,6 +94,7 @@ def editor_digest(folder: str | os.PathLike) -> str:
 def read_editor_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The ``editor.json`` of a saved editor, validated."""
     folder = Path(folder)
+    recover_folder(folder)
     path = folder / CONFIG_FILE
     if not path.is_file() or not (folder / TENSOR_FILE).is_file():
         raise EditorCheckpointError(
