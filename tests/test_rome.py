@@ -1,12 +1,15 @@
 """ROME on tiny random models: the rank-one math, the storage layouts, the editor's contract."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from lmscalpel import EditRequest, edit, score_targets
 from lmscalpel.core.config import ConfigError
+from lmscalpel.mechanics import peaks
 from lmscalpel.mechanics import prefixes as prefixes_module
-from lmscalpel.mechanics import stats as stats_module
 from lmscalpel.mechanics.anchored import AnchoredBatch, AnchoredRun
 from lmscalpel.mechanics.keys_values import (
     ValueOptions,
@@ -40,8 +43,6 @@ STRONG.update(weight_decay=0.0, stats_samples=1500, prefixes=0)
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LMSCALPEL_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(stats_module, "_MEMORY", {})
-    monkeypatch.setattr(prefixes_module, "_MEMORY", {})
 
 
 def state(lm):
@@ -194,9 +195,12 @@ def test_context_prefixes_are_generated_once_and_cached(tiny, monkeypatch):
     first = context_prefixes(tiny, 3, 4)
     assert first[0] == "" and len(first) == 4
     assert all(p.endswith(". ") and "\n" not in p for p in first[1:])
-    monkeypatch.setattr(prefixes_module, "_MEMORY", {})
+    computed, loaded = prefixes_module.PREFIXES.computed, prefixes_module.PREFIXES.loaded
+    prefixes_module.PREFIXES.forget()  # as a fresh process: nothing in memory
     monkeypatch.setattr(prefixes_module, "generate", lambda *a, **k: pytest.fail("regenerated"))
     assert context_prefixes(tiny, 3, 4) == first  # read from disk
+    assert prefixes_module.PREFIXES.computed == computed
+    assert prefixes_module.PREFIXES.loaded == loaded + 1
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -253,9 +257,20 @@ def test_the_default_layer_is_the_traced_mlp_peak_when_the_model_was_traced(tiny
     assert patch.info["layer"] == 1
 
 
-def test_the_embedded_model_edits_its_traced_peak():
-    from lmscalpel.mechanics.peaks import traced_peak
+def test_a_shipped_peak_is_the_layer_rome_edits(tiny, monkeypatch):
+    """A peak shipped in peaks.MEASURED for a model's fingerprint is the layer ROME edits on it
+    when the config names none (the embedded model's entry is the peak documented in
+    docs/causal_tracing.md; test_rome_real checks that fingerprint on the real model)."""
+    quick = {k: v for k, v in STRONG.items() if k != "layer"} | {"max_steps": 1}
+    depth_layer = edit(tiny, REQUEST, method="rome", config=quick, apply=False).info["layer"]
+    shipped = 3 if depth_layer != 3 else 2
+    peak = peaks.TracedPeak(layer=shipped, facts=100, window=2, model=tiny.name, source="test")
+    monkeypatch.setitem(peaks.MEASURED, tiny.fingerprint, peak)
+    patch = edit(tiny, REQUEST, method="rome", config=quick, apply=False)
+    assert patch.info["layer"] == shipped
+    assert patch.parameter_names == [tiny.adapter.mlp_out_weight_name(shipped)]
 
-    # the embedded SmolLM2-135M's fingerprint (test_rome_real checks it on the real model) and
-    # the peak of its 100-fact aggregate in docs/causal_tracing.md
-    assert traced_peak("fe072e9ea3f8cab6").layer == 4
+    doc = Path(__file__).parents[1] / "docs" / "causal_tracing.md"
+    documented = re.search(r"MLP effect peaks at layer (\d+)", doc.read_text(encoding="utf-8"))
+    assert documented, "docs/causal_tracing.md no longer states the embedded model's MLP peak"
+    assert peaks.MEASURED["fe072e9ea3f8cab6"].layer == int(documented.group(1))

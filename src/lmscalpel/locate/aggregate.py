@@ -5,7 +5,9 @@ trace 1,000 facts GPT-2 XL knows and average the indirect effects by token class
 MLP effect at the last subject token peaks in the middle layers, and that is where ROME edits.
 Here the facts are those of ``known_1000.json`` that *this* model gets right (its top-1 next token
 is the attribute's first token, case-insensitive); the layer where the average MLP effect at the
-last subject token peaks is this model's default ROME edit layer.
+last subject token peaks is where ROME would edit this model. It becomes ROME's default layer only
+when recorded on request (:func:`lmscalpel.mechanics.peaks.record_peak`, ``lmscalpel trace
+--known ... --record-peak``); tracing itself writes nothing outside its output folder.
 
 Each traced fact is appended to ``facts.jsonl`` in the output folder as soon as it is done, so an
 interrupted run resumes where it stopped.
@@ -25,14 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lmscalpel.locate.noise import noise_level
-from lmscalpel.locate.tracing import (
-    DEFAULT_SAMPLES,
-    KINDS,
-    TraceResult,
-    TracingError,
-    default_window,
-    trace,
-)
+from lmscalpel.locate.result import TraceResult
+from lmscalpel.locate.tracing import DEFAULT_SAMPLES, KINDS, TracingError, default_window, trace
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.scoring import next_token_logprobs
 from lmscalpel.tokens import (
@@ -342,3 +338,26 @@ def summarize(
     if "attn" in curves:
         summary["attn_peak_layer"] = int(curves["attn"].mean(0).argmax())
     return summary
+
+
+@dataclass(frozen=True)
+class KindPeak:
+    """Where one kind's mean indirect effect at the last subject token peaks in an aggregate:
+    the ``layer``, the ``effect`` there, and the mean effect at the prompt's last token at the
+    same layer (``None`` when the last token was not traced)."""
+
+    kind: str
+    layer: int
+    effect: float
+    last_token_effect: float | None
+
+
+def kind_peaks(summary: dict) -> list[KindPeak]:
+    """Per traced kind of an :func:`aggregate` summary, its peak (see :class:`KindPeak`)."""
+    peaks = []
+    for kind, curve in summary["last_subject_token"].items():
+        mean = curve["mean"]
+        layer = max(range(len(mean)), key=mean.__getitem__)
+        last = summary["token_classes"][kind]["last token"]
+        peaks.append(KindPeak(kind, layer, mean[layer], None if last is None else last[layer]))
+    return peaks

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lmscalpel.locate.tracing import TraceResult
+from lmscalpel.locate.result import TraceResult
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLORS = {"hidden": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}

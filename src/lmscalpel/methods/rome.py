@@ -32,7 +32,7 @@ import torch
 from lmscalpel.core.config import ConfigError, MethodConfig, option
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.mechanics.keys_values import ValueOptions, ValueResult, optimise_value
-from lmscalpel.mechanics.peaks import traced_peak
+from lmscalpel.mechanics.peaks import LayerChoice, choose_edit_layer
 from lmscalpel.mechanics.prefixes import context_prefixes
 from lmscalpel.mechanics.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, KeyStatistics, key_statistics
 from lmscalpel.methods.base import Editor, register, resolve_layers
@@ -168,16 +168,23 @@ class ROMEConfig(ValueOptions):
         if self.prefixes < 0:
             raise ConfigError("ROMEConfig.prefixes must be >= 0")
 
+    def layer_choice(self, num_layers: int, fingerprint: str | None = None) -> LayerChoice:
+        """Which layer to edit on a model of ``num_layers`` layers with weight ``fingerprint``,
+        and why (:func:`~lmscalpel.mechanics.peaks.choose_edit_layer`): ``layer`` if set; else the
+        MLP peak of the model's causal-tracing aggregate (recorded by the user, else shipped);
+        else ``default_depth`` of the depth."""
+        configured = None if self.layer is None else resolve_layers([self.layer], [], num_layers)[0]
+        return choose_edit_layer(
+            num_layers,
+            fingerprint,
+            configured=configured,
+            depth_layer=resolve_layers(None, [self.default_depth], num_layers)[0],
+            default_depth=self.default_depth,
+        )
+
     def edit_layer(self, num_layers: int, fingerprint: str | None = None) -> int:
-        """The layer to edit: ``layer`` if set; else the MLP peak of the model's causal-tracing
-        aggregate (:mod:`lmscalpel.mechanics.peaks`) when the model with this weight
-        ``fingerprint`` was traced; else ``default_depth`` of the depth."""
-        if self.layer is None and fingerprint is not None:
-            peak = traced_peak(fingerprint)
-            if peak is not None and peak.layer < num_layers:
-                return peak.layer
-        layers = None if self.layer is None else [self.layer]
-        return resolve_layers(layers, [self.default_depth], num_layers)[0]
+        """The layer to edit: :meth:`layer_choice`'s layer."""
+        return self.layer_choice(num_layers, fingerprint).layer
 
 
 @register
@@ -195,7 +202,9 @@ class ROME(Editor):
         depth), so that run manifests and patches record the layer really edited."""
         config = super().config_for(lm)
         if config.layer is None:
-            config = config.replace(layer=config.edit_layer(lm.adapter.num_layers, lm.fingerprint))
+            choice = config.layer_choice(lm.adapter.num_layers, lm.fingerprint)
+            log.debug("rome edits layer %d of %s: %s", choice.layer, lm.name, choice.explain())
+            config = config.replace(layer=choice.layer)
         return config
 
     def prepare(self, lm: LoadedModel, config: ROMEConfig) -> None:

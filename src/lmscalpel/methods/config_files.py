@@ -1,0 +1,163 @@
+"""Method configurations from a YAML file plus ``key=value`` overrides, for one method or several.
+
+What ``lmscalpel edit``, ``eval`` and ``compare`` do with ``--config FILE --set key=value
+--editor DIR``, callable from Python::
+
+    configs = method_configs(["ft-l", "ft-m"], "llama", "methods.yaml",
+                             parse_overrides(["lr=0.02", "ft-m.steps=3"]))
+
+For several methods the YAML file holds one section per method name (each section is what
+:meth:`~lmscalpel.core.config.MethodConfig.from_dict` reads: flat keys or ``defaults`` +
+``families``)::
+
+    ft-l: {steps: 4, lr: 0.05}
+    ft-m: {steps: 5}
+
+For one method it may be that method's section or the method's keys directly. An override
+``key=value`` goes to every method that has ``key``; ``method.key=value`` to that method only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.methods.base import available_methods, editor_class
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """``["lr=0.02", "layers=[4]"]`` -> ``{"lr": 0.02, "layers": [4]}``: each value is read as
+    YAML (numbers, booleans, lists; anything else stays a string). A later item wins."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"an override takes key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: invalid value ({error})") from None
+    return overrides
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML file at ``path`` (``{}`` when empty); a missing file raises
+    :class:`FileNotFoundError`, invalid YAML :class:`~lmscalpel.core.config.ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+
+
+def build_config(
+    cls: type[C],
+    model_type: str | None,
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> C:
+    """One config of class ``cls``: ``model_type``'s family defaults, or the YAML file ``path``
+    (read for that family), then ``overrides`` (an unknown key is a
+    :class:`~lmscalpel.core.config.ConfigError`)."""
+    if path is None:
+        base = cls.for_model(model_type)
+    else:
+        base = cls.from_dict(read_yaml(path), model_type, where=str(path))
+    return base.replace(**overrides) if overrides else base
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """A :class:`~lmscalpel.core.config.ConfigError` naming the available methods when
+    ``methods`` is empty or holds an unknown one."""
+    known = available_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        what = f"unknown editing method(s) {unknown}" if unknown else "no editing method given"
+        raise ConfigError(f"{what}; available: {', '.join(known)}")
+
+
+def takes_editor(method: str) -> bool:
+    """Whether ``method`` is a learned editor whose config names a trained editor folder."""
+    return "editor" in editor_class(method).config_class.field_names()
+
+
+def yaml_sections(path: str | Path, methods: Sequence[str]) -> dict[str, Any]:
+    """The YAML file's part for each method: its section (several methods, or a file whose top
+    level names the one method), or the whole file (one method, flat keys)."""
+    data = read_yaml(path)
+    if len(methods) > 1 or (isinstance(data, dict) and methods[0] in data):
+        if not isinstance(data, dict) or not set(data) <= set(methods):
+            found = sorted(data) if isinstance(data, dict) else data
+            raise ConfigError(
+                f"{path}: for several methods, give one section per method "
+                f"({', '.join(methods)}); found {found}"
+            )
+        return dict(data)
+    return {methods[0]: data}
+
+
+def route_overrides(
+    methods: Sequence[str], overrides: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Split overrides per method: a plain ``key`` goes to every method whose config has it
+    (none having it is a :class:`~lmscalpel.core.config.ConfigError`), ``method.key`` to that
+    method only, and wins over a plain ``key`` whatever their order."""
+    per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    specific = []
+    for key, value in overrides.items():
+        prefix, dot, field = key.partition(".")
+        if dot and prefix in per_method:
+            specific.append((prefix, field, value))
+            continue
+        takers = [m for m in methods if key in editor_class(m).config_class.field_names()]
+        if not takers:
+            raise ConfigError(f"no method among {list(methods)} has a hyperparameter {key!r}")
+        for m in takers:
+            per_method[m][key] = value
+    for method, field, value in specific:
+        per_method[method][field] = value
+    return per_method
+
+
+def method_configs(
+    methods: Sequence[str],
+    model_type: str | None,
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    editor: str | Path | None = None,
+) -> list[tuple[str, MethodConfig]]:
+    """One ``(method, config)`` per method, in order: the family defaults of ``model_type`` or
+    the method's part of the YAML file ``path`` (:func:`yaml_sections`), then ``overrides``
+    (:func:`route_overrides`), then ``editor`` (a trained editor folder) for the learned editors
+    among them; an ``editor`` that no method takes is a :class:`~lmscalpel.core.config.ConfigError`.
+    """
+    methods = list(methods)
+    check_methods(methods)
+    sections = yaml_sections(path, methods) if path is not None else {}
+    per_method = route_overrides(methods, overrides or {})
+    if editor is not None:
+        takers = [m for m in methods if takes_editor(m)]
+        if not takers:
+            raise ConfigError(
+                f"the trained editor {editor} is for learned editors (mend); "
+                f"{', '.join(methods)} takes none"
+            )
+        for m in takers:
+            per_method[m]["editor"] = str(editor)
+    result = []
+    for m in methods:
+        cls = editor_class(m).config_class
+        if m in sections:
+            base = cls.from_dict(sections[m], model_type, where=f"{path}:{m}")
+        else:
+            base = cls.for_model(model_type)
+        result.append((m, base.replace(**per_method[m]) if per_method[m] else base))
+    return result
