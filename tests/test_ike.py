@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from lmscalpel import ConfigError, EditRequest, LocalityProbe, Patch, PatchError, edit
+from lmscalpel.data.shared import shared_data_dir
 from lmscalpel.methods import get_editor
 from lmscalpel.methods.ike import (
     IKE,
     ContextOverflowError,
     Demonstration,
     IKEConfig,
+    InContextConfig,
+    default_pool_path,
     kind_schedule,
     load_pool,
     make_demonstration,
@@ -268,6 +271,31 @@ def test_bad_config_values_are_rejected(bad):
         IKEConfig.from_dict(bad)
 
 
+def test_ike_config_is_the_render_settings_plus_demonstrations_and_the_patch_keeps_them(tiny):
+    config = IKEConfig(k=2, retrieve=3, instruction="Facts follow.")
+    assert isinstance(config, InContextConfig)
+    demo_fields = set(IKEConfig.field_names()) - set(InContextConfig.field_names())
+    assert demo_fields == {"k", "max_k", "copy_share", "update_share", "retain_share", "pool",
+                           "pool_size"}  # fmt: skip
+    patch = edit(tiny, REQUEST, method=IKE(config, pool=POOL), apply=False)
+    render = patch.context_state["render"]
+    assert render == {**InContextConfig().to_dict(), "retrieve": 3, "instruction": "Facts follow."}
+    assert InContextConfig.from_render_state(render) == InContextConfig(
+        retrieve=3, instruction="Facts follow."
+    )
+    patch.apply(tiny)
+    assert tiny.render_prompt(REQUEST.prompt).startswith("Facts follow.\n\nNew Fact: ")
+    patch.revert()
+
+
+def test_a_patch_with_broken_render_settings_is_refused_by_name(tiny):
+    patch = edit(tiny, REQUEST, method="ike-plain", apply=False)
+    patch.context_state["render"]["retrieve"] = 0
+    with pytest.raises(ConfigError, match="retrieve must be at least 1"):
+        patch.apply(tiny)
+    assert not tiny.context_patches
+
+
 def test_k_larger_than_the_pool_is_an_error(tiny):
     with pytest.raises(ConfigError, match="pool holds"):
         edit(tiny, REQUEST, method=IKE(IKEConfig(k=50), pool=POOL))
@@ -305,6 +333,11 @@ def test_pool_files_in_counterfact_and_lmscalpel_layouts(tmp_path):
 
 
 def test_the_default_pool_is_counterfacts_training_split():
+    if not default_pool_path().is_file():
+        pytest.skip(
+            f"no CounterFact training split at {default_pool_path()} (the shared data folder "
+            f"{shared_data_dir()}; set LMSCALPEL_DATA to the folder holding counterfact/train.json)"
+        )
     pool = load_pool()
     assert len(pool) > 9000
     assert all(r.paraphrases and r.locality for r in pool[:100])

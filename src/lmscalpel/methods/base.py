@@ -8,12 +8,13 @@ also on error); the caller decides whether to apply the patch.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.config import ConfigError, MethodConfig, option
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.models.rewriters import PromptRewriter, register_rewriter
@@ -118,3 +119,17 @@ def resolve_layers(
         if not 0 <= layer < n_layers:
             raise ConfigError(f"layer {layer} out of range for a model with {n_layers} layers")
     return chosen
+
+
+def new_default(config_class: type[MethodConfig], name: str, default: Any) -> Any:
+    """Field ``name`` of ``config_class`` with another default and the same help line, for a
+    subclass that changes only a default (the field is declared once, its help written once)::
+
+        @dataclass
+        class FTLConfig(FTConfig):
+            lr: float = new_default(FTConfig, "lr", 1e-3)
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if name not in fields:
+        raise TypeError(f"{config_class.__name__} has no field {name!r}")
+    return option(default, fields[name].metadata.get("help", ""))

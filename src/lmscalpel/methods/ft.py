@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lmscalpel.core.config import MethodConfig
+from lmscalpel.core.config import MethodConfig, option
 from lmscalpel.core.requests import EditRequest
-from lmscalpel.methods.base import Editor, register, resolve_layers
+from lmscalpel.methods.base import Editor, new_default, register, resolve_layers
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.patch import ParameterDelta, Patch, weight_snapshot
 from lmscalpel.scoring import build_batch, token_logprobs
@@ -34,54 +34,84 @@ from lmscalpel.scoring import build_batch, token_logprobs
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FTConfig(MethodConfig):
-    """Hyperparameters of the fine-tuning family (defaults are FT's).
+Objective = Literal["sequence", "target", "prompt_last"]
 
-    ``layers``: layers to tune (negative counts from the top); ``None`` uses ``default_depths``
-    (fractions of the model's depth). ``matrices``: ``"mlp_out"`` tunes the MLP output matrix,
-    ``"mlp"`` every MLP matrix. ``objective``: ``"sequence"`` (LM loss on prompt and target),
-    ``"target"`` (teacher-forced target tokens only) or ``"prompt_last"`` (all target tokens read
-    at the last prompt position). ``norm_constraint``: L-infinity bound on each weight's change,
-    in units of the matrix's element standard deviation (``None``: unconstrained). FT-L and
-    FT-M default to 0.1: on SmolLM2 (10 CounterFact training cases) 0.03, about the absolute
-    5e-4 of the GPT-2 XL literature, only raised the new target to ~10 % probability, while 0.1
-    made it the answer (ES 90 -> 100 %, PS 30 -> 70 %) with the same neighbourhood success.
-    Training stops after ``steps`` or once the loss is below ``stop_loss``.
+
+@dataclass
+class TunedWeights(MethodConfig):
+    """Which MLP weight matrices a fine-tuning method trains (FT's and LoRA's)."""
+
+    layers: list[int] | None = option(
+        None, "layers to tune (negative counts from the top); unset: default_depths"
+    )
+    default_depths: list[float] = option(
+        (0.5,), "the layers as fractions of the depth, when layers is unset"
+    )
+    matrices: Literal["mlp_out", "mlp"] = option(
+        "mlp", "'mlp_out': each layer's MLP output matrix; 'mlp': every MLP matrix"
+    )
+
+    def weight_names(self, lm: LoadedModel) -> list[str]:
+        """The parameter names these settings choose on ``lm``."""
+        return tuned_weight_names(lm, self.layers, self.default_depths, self.matrices)
+
+
+@dataclass
+class FitOptions(MethodConfig):
+    """How :func:`fit` trains the tuned parameters (FT's and LoRA's): Adam on the edit loss of
+    ``objective``, for at most ``steps`` steps or until the loss is below ``stop_loss``.
+
+    ``objective``: ``"sequence"`` (LM loss on prompt and target), ``"target"`` (teacher-forced
+    target tokens only) or ``"prompt_last"`` (all target tokens read at the last prompt position,
+    ROME's objective).
     """
 
-    layers: list[int] | None = None
-    default_depths: list[float] = (0.5,)
-    matrices: Literal["mlp_out", "mlp"] = "mlp"
-    objective: Literal["sequence", "target", "prompt_last"] = "sequence"
-    norm_constraint: float | None = None
-    lr: float = 5e-4
-    steps: int = 25
-    stop_loss: float = 0.01
-    weight_decay: float = 0.0
+    objective: Objective = option(
+        "sequence", "the loss: 'sequence' (prompt and target), 'target' or 'prompt_last'"
+    )
+    lr: float = option(5e-4, "Adam's learning rate")
+    steps: int = option(25, "at most this many optimisation steps")
+    stop_loss: float = option(0.01, "stop once the loss is below this")
+    weight_decay: float = option(0.0, "Adam's weight decay")
+
+
+@dataclass
+class FTConfig(FitOptions, TunedWeights):
+    """Hyperparameters of the fine-tuning family (defaults are FT's): which matrices
+    (:class:`TunedWeights`), how they are trained (:class:`FitOptions`), and a bound.
+
+    ``norm_constraint``: L-infinity bound on each weight's change, in units of the matrix's
+    element standard deviation (``None``: unconstrained). FT-L and FT-M default to 0.1: on SmolLM2
+    (10 CounterFact training cases) 0.03, about the absolute 5e-4 of the GPT-2 XL literature, only
+    raised the new target to ~10 % probability, while 0.1 made it the answer (ES 90 -> 100 %,
+    PS 30 -> 70 %) with the same neighbourhood success.
+    """
+
+    norm_constraint: float | None = option(
+        None, "L-infinity bound on each weight's change, in its matrix's element std (unset: none)"
+    )
 
 
 @dataclass
 class FTLConfig(FTConfig):
     """FT-L: one MLP output matrix, L-infinity bounded, ``prompt_last`` objective."""
 
-    default_depths: list[float] = (0.5,)
-    matrices: Literal["mlp_out", "mlp"] = "mlp_out"
-    objective: Literal["sequence", "target", "prompt_last"] = "prompt_last"
-    norm_constraint: float | None = 0.1
-    lr: float = 1e-3
+    matrices: Literal["mlp_out", "mlp"] = new_default(FTConfig, "matrices", "mlp_out")
+    objective: Objective = new_default(FTConfig, "objective", "prompt_last")
+    norm_constraint: float | None = new_default(FTConfig, "norm_constraint", 0.1)
+    lr: float = new_default(FTConfig, "lr", 1e-3)
 
 
 @dataclass
 class FTMConfig(FTLConfig):
     """FT-M: FT-L with the loss on the teacher-forced target tokens only (prompt masked)."""
 
-    objective: Literal["sequence", "target", "prompt_last"] = "target"
+    objective: Objective = new_default(FTConfig, "objective", "target")
 
 
 def edit_loss(lm: LoadedModel, requests: Sequence[EditRequest], objective: str) -> torch.Tensor:
     """Mean negative log-likelihood of the requests' new targets under ``objective`` (see
-    :class:`FTConfig`); differentiable, hooks and injected adapters active."""
+    :class:`FitOptions`); differentiable, hooks and injected adapters active."""
     prompts = [r.prompt for r in requests]
     targets = [r.target_new for r in requests]
     batch = build_batch(lm, prompts, targets, include_prompt_tokens=objective == "sequence")
@@ -110,16 +140,16 @@ def fit(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     params: Sequence[torch.Tensor],
-    config: FTConfig | MethodConfig,
+    config: FitOptions,
     *,
     project: Callable[[], None] | None = None,
     name: str = "fit",
 ) -> dict[str, Any]:
     """Adam on ``params`` against :func:`edit_loss` for at most ``config.steps`` steps, stopping
     once the loss is below ``config.stop_loss``; ``project`` (e.g. a norm-ball clamp) runs after
-    every step. ``config`` has ``objective``, ``lr``, ``steps``, ``stop_loss`` and
-    ``weight_decay`` (FT's or LoRA's). Returns the patch info: the loss of every evaluated step
-    (the last one is the loss of the final parameters) and the number of steps taken."""
+    every step (``config``: FT's or LoRA's :class:`FitOptions`). Returns the patch info: the loss
+    of every evaluated step (the last one is the loss of the final parameters) and the number of
+    steps taken."""
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
     for step in range(config.steps + 1):
@@ -145,11 +175,8 @@ class FineTune(Editor):
     config_class: ClassVar[type[MethodConfig]] = FTConfig
     citation: ClassVar[str] = "Zhu et al. 2020, Modifying Memories in Transformer Models"
 
-    def parameter_names(self, lm: LoadedModel, config: FTConfig) -> list[str]:
-        return tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
-
     def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], config: FTConfig) -> Patch:
-        names = self.parameter_names(lm, config)
+        names = config.weight_names(lm)
         params = [lm.model.get_parameter(n) for n in names]
         with weight_snapshot(lm, names) as originals:
             scale = config.norm_constraint or 0.0

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.config import ConfigError, MethodConfig, option
 from lmscalpel.core.requests import EditRequest
-from lmscalpel.methods.base import Editor, register
-from lmscalpel.methods.ft import fit, tuned_weight_names
+from lmscalpel.methods.base import Editor, new_default, register
+from lmscalpel.methods.ft import FitOptions, Objective, TunedWeights, fit
 from lmscalpel.models.adapter import module_of
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.patch import ParameterDelta, Patch, PatchError
@@ -32,27 +32,22 @@ ADAPTER = "lmscalpel"
 
 
 @dataclass
-class LoRAConfig(MethodConfig):
-    """Hyperparameters of LoRA editing.
-
-    ``layers`` / ``default_depths`` / ``matrices``: which MLP matrices get an adapter (as in
-    :class:`~lmscalpel.methods.ft.FTConfig`). ``rank`` r and ``alpha`` (the update is scaled by
-    alpha / r). ``objective``: the fine-tuning loss (``"target"``: teacher-forced target tokens,
-    prompt masked). ``seed`` fixes the random initialisation of A. Training stops after
-    ``steps`` or once the loss is below ``stop_loss``.
+class LoRAConfig(FitOptions, TunedWeights):
+    """Hyperparameters of LoRA editing: which MLP matrices get an adapter
+    (:class:`~lmscalpel.methods.ft.TunedWeights`), how the adapters are trained
+    (:class:`~lmscalpel.methods.ft.FitOptions`; by default on the teacher-forced target tokens,
+    prompt masked), and the adapter: rank r, ``alpha`` (the update is scaled by alpha / r) and the
+    ``seed`` of A's random initialisation.
     """
 
-    layers: list[int] | None = None
-    default_depths: list[float] = (0.3, 0.4, 0.5)
-    matrices: Literal["mlp_out", "mlp"] = "mlp"
-    rank: int = 8
-    alpha: float = 16.0
-    objective: Literal["sequence", "target", "prompt_last"] = "target"
-    lr: float = 2e-3
-    steps: int = 30
-    stop_loss: float = 0.05
-    weight_decay: float = 0.0
-    seed: int = 0
+    default_depths: list[float] = new_default(TunedWeights, "default_depths", (0.3, 0.4, 0.5))
+    rank: int = option(8, "the adapters' rank r")
+    alpha: float = option(16.0, "the update is scaled by alpha / r")
+    objective: Objective = new_default(FitOptions, "objective", "target")
+    lr: float = new_default(FitOptions, "lr", 2e-3)
+    steps: int = new_default(FitOptions, "steps", 30)
+    stop_loss: float = new_default(FitOptions, "stop_loss", 0.05)
+    seed: int = option(0, "seed of the random initialisation of A")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +76,7 @@ class LoRA(Editor):
     def compute(
         self, lm: LoadedModel, requests: Sequence[EditRequest], config: LoRAConfig
     ) -> Patch:
-        names = tuned_weight_names(lm, config.layers, config.default_depths, config.matrices)
+        names = config.weight_names(lm)
         modules = [module_of(n) for n in names]
         transposed = {lm.adapter.is_transposed(n) for n in names}
         if len(transposed) > 1:
