@@ -9,6 +9,7 @@ import torch
 from lmscalpel import EditRequest, LocalityProbe, PortabilityProbe, score_targets
 from lmscalpel.core.config import MethodConfig
 from lmscalpel.evaluation import EvalCase, EvalOptions, EvaluationError, compare, evaluate
+from lmscalpel.evaluation.protocols import SequentialState
 from lmscalpel.methods import base
 from lmscalpel.patch import Patch
 from lmscalpel.testing import tiny_model
@@ -82,9 +83,54 @@ def test_single_protocol_edits_each_case_and_leaves_the_model_pristine(lm, tmp_p
     assert len(records) == 5 and all('"revert_verified": true' in r for r in records)
 
 
-def test_a_revert_that_does_not_restore_the_weights_stops_the_run(lm, monkeypatch, tmp_path):
-    monkeypatch.setattr(Patch, "revert", lambda self, target=None: None)
-    with pytest.raises(EvaluationError, match="bit-exactly"):
+@pytest.fixture
+def damaged_backups(monkeypatch):
+    """Every applied patch's backup is damaged, so its revert cannot restore the weights."""
+    real = Patch.apply
+
+    def apply(self, target, *, keep_backup=True):
+        real(self, target, keep_backup=keep_backup)
+        for saved in (self._backup or {}).values():
+            saved.view(-1)[0] += 1.0
+        return self
+
+    monkeypatch.setattr(Patch, "apply", apply)
+
+
+def test_a_revert_that_does_not_restore_the_weights_stops_the_run(lm, damaged_backups, tmp_path):
+    """The patch checks its own restoration; the run stops at the first case, recording none."""
+    with pytest.raises(EvaluationError, match="ft-l: reverting the ft-l patch .* bit-exactly"):
+        evaluate(lm, make_cases(2), "ft-l", STRONG, options=FAST, out=tmp_path, progress=False)
+    assert not (tmp_path / "ft-l" / "cases.jsonl").exists()
+
+
+def test_a_sequential_run_whose_pristine_copies_do_not_restore_stops(lm, monkeypatch, tmp_path):
+    real = SequentialState.protect
+
+    def protect(self, names):
+        real(self, names)
+        for saved in self.pristine.saved.values():
+            saved.view(-1)[0] += 1.0
+
+    monkeypatch.setattr(SequentialState, "protect", protect)
+    with pytest.raises(EvaluationError, match="restoring a weight snapshot .* bit-exactly"):
+        evaluate(lm, make_cases(2), "ft-l", STRONG, protocol="sequential", options=FAST,
+                 out=tmp_path, progress=False)  # fmt: skip
+
+
+def test_an_editor_that_changes_the_model_outside_its_patch_stops_the_run(
+    lm, monkeypatch, tmp_path
+):
+    real = base.editor_class("ft-l").compute
+
+    def meddling(self, lm_, requests, config):
+        patch = real(self, lm_, requests, config)
+        with torch.no_grad():
+            next(lm_.model.parameters()).view(-1)[0] += 1.0  # a weight no patch records
+        return patch
+
+    monkeypatch.setattr(base.editor_class("ft-l"), "compute", meddling)
+    with pytest.raises(EvaluationError, match="weights changed during the run"):
         evaluate(lm, make_cases(2), "ft-l", STRONG, options=FAST, out=tmp_path, progress=False)
 
 

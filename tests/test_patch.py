@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmscalpel import EditRequest, Patch, PatchError, PatchMismatchError
-from lmscalpel.patch import ParameterDelta, weight_snapshot
+from lmscalpel.models import rewriters
+from lmscalpel.patch import ParameterDelta, WeightSnapshot, weight_snapshot
 from lmscalpel.testing import tiny_model
 
 REQUEST = EditRequest(
@@ -132,3 +133,65 @@ def test_weight_snapshot_restores_on_error(tiny):
             p.data.add_(1.0)
         raise RuntimeError("crash mid-edit")
     assert_same(tiny, saved)
+
+
+def test_revert_checks_that_the_restored_weights_have_their_digests(tiny):
+    """A revert that does not give back the exact weights the patch was computed on is an error,
+    not a silent drift (here the backup is damaged while the patch is applied)."""
+    patch = make_patch(tiny).apply(tiny)
+    name = patch.parameter_names[0]
+    patch._backup[name][0, 0] += 1.0
+    with pytest.raises(PatchError, match="bit-exactly"):
+        patch.revert()
+
+
+class _Echo:
+    def __init__(self, patches):
+        self.count = len(patches)
+
+    def rewrite(self, prompt):
+        return f"[{self.count}] {prompt}"
+
+
+@pytest.fixture
+def echo_method():
+    rewriters.register_rewriter("test-echo", lambda patches, lm: _Echo(patches))
+    yield "test-echo"
+    rewriters._BUILDERS.pop("test-echo")
+
+
+def test_an_in_context_patch_reverts_itself_not_an_equal_one(tiny, echo_method):
+    """Two equal in-context patches: reverting the later one takes that very object off the model
+    (a removal by equality would take the earlier one and leave it applied)."""
+    first = Patch(echo_method, [REQUEST], kind="context", context_state={}, created="t")
+    second = Patch(echo_method, [REQUEST], kind="context", context_state={}, created="t")
+    assert first == second
+    first.apply(tiny)
+    second.apply(tiny)
+    assert tiny.render_prompt("x") == "[2] x"
+    second.revert()
+    assert len(tiny.context_patches) == 1 and tiny.context_patches[0] is first
+    assert first.is_applied and not second.is_applied
+    first.revert()
+    assert tiny.context_patches == [] and tiny.render_prompt("x") == "x"
+
+
+def test_an_in_context_patch_taken_off_behind_its_back_cannot_revert(tiny, echo_method):
+    patch = Patch(echo_method, [REQUEST], kind="context", context_state={}).apply(tiny)
+    tiny.context_patches.clear()
+    with pytest.raises(PatchError, match="not applied to this model once"):
+        patch.revert()
+
+
+def test_a_weight_snapshot_keeps_the_first_copy_and_verifies_its_restoration(tiny):
+    saved = state(tiny)
+    name = make_patch(tiny).parameter_names[0]
+    snapshot = WeightSnapshot(tiny, [name])
+    with torch.no_grad():
+        tiny.model.get_parameter(name).add_(1.0)
+    snapshot.take([name])  # already held: the pristine copy stays
+    snapshot.restore()
+    assert_same(tiny, saved)
+    snapshot.saved[name][0, 0] += 1.0  # a damaged copy restores something else: refused
+    with pytest.raises(PatchError, match="bit-exactly"):
+        snapshot.restore()

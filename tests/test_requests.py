@@ -4,6 +4,7 @@ import pytest
 
 from lmscalpel import EditRequest, EditRequestError, LocalityProbe, PortabilityProbe, edit
 from lmscalpel.core.requests import load_requests, save_requests
+from lmscalpel.report import before_after_table, probe, probes_for, role_label, shown_targets
 
 
 def make(**kw):
@@ -108,3 +109,54 @@ def test_one_bad_request_in_a_batch_stops_the_whole_edit(tiny):
     long_prompt = "The Eiffel Tower " + "is very tall and " * 200 + "is in"
     with pytest.raises(EditRequestError, match="request 1"):
         edit(tiny, [good, make(prompt=long_prompt)], method="ft")
+
+
+def test_probes_enumerate_every_prompt_with_what_it_wants_and_competes_with():
+    r = make(
+        paraphrases=("Where is {}? In", "The {} stands in"),
+        locality=({"prompt": "The Colosseum is in", "answer": "Rome", "kind": "near"},),
+        portability=(
+            {
+                "prompt": "The Eiffel Tower's country is",
+                "answer": "Italy",
+                "answer_before": "France",
+            },
+            {"prompt": "La tour Eiffel is in", "answer": "Rome", "kind": "alias"},
+        ),
+    )
+    got = [(p.role, p.prompt, p.wanted, p.other, p.kind, p.answers) for p in r.probes()]
+    assert got == [
+        ("edit", r.prompt, "Rome", "Paris", None, ("Rome",)),
+        ("paraphrase", "Where is Eiffel Tower? In", "Rome", "Paris", None, ("Rome",)),
+        ("paraphrase", "The Eiffel Tower stands in", "Rome", "Paris", None, ("Rome",)),
+        # locality: the unchanged answer is wanted, and the new target must not leak into it
+        ("locality", "The Colosseum is in", "Rome", "Rome", "near", None),
+        (
+            "portability",
+            "The Eiffel Tower's country is",
+            "Italy",
+            "France",
+            "multi-hop",
+            ("Italy",),
+        ),
+        ("portability", "La tour Eiffel is in", "Rome", None, "alias", ("Rome",)),
+    ]
+    assert make(target_true=None).probes()[0].other is None
+
+
+def test_the_report_shows_each_probe_with_its_new_and_true_target(tiny):
+    r = make(
+        locality=({"prompt": "The Colosseum is in", "answer": "Rome"},),
+        portability=({"prompt": "The tower's country is", "answer": "Italy", "kind": "alias"},),
+    )
+    probes = probes_for(r)
+    assert [role_label(p) for p in probes] == ["edit", "unrelated", "portability:alias"]
+    assert [shown_targets(p) for p in probes] == [
+        ("Rome", "Paris"),
+        (None, "Rome"),
+        ("Italy", None),
+    ]
+    results = probe(tiny, probes, max_new_tokens=2)
+    assert results[1].logprob_new is None and results[1].logprob_true < 0
+    assert results[2].logprob_true is None and results[0].logprob_true < 0
+    assert before_after_table(results, results).row_count == 3

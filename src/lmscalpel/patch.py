@@ -6,7 +6,9 @@ produces them, e.g. ROME's rank-one update), the method's name and hyperparamete
 requests, and the SHA-256 digest of every touched tensor *before* the edit. It can be applied,
 reverted bit-exactly, saved (safetensors + JSON, never pickle), loaded, and exported as a plain
 Hugging Face model. Applying to a model whose touched tensors differ from the recorded digests is
-refused, and a patch is applied whole or not at all.
+refused, a patch is applied whole or not at all, and a revert checks that every touched tensor has
+its recorded digest again. :class:`WeightSnapshot` keeps pristine copies for patches applied
+without a backup and restores them with the same check.
 
 An in-context patch (``kind="context"``) changes no weight: it carries the state of a prompt
 rewriter (e.g. IKE's demonstrations and facts) that scoring and generation apply to every prompt
@@ -20,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmscalpel.core.files import atomic_folder, recover_folder
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.core.version import __version__
 from lmscalpel.models.fingerprint import tensor_digest
@@ -40,6 +42,7 @@ from lmscalpel.models.rewriters import has_rewriter
 FORMAT_VERSION = 1
 META_FILE = "patch.json"
 TENSOR_FILE = "deltas.safetensors"
+EXPORT_FILE = "lmscalpel_patch.json"
 
 
 class PatchError(RuntimeError):
@@ -114,6 +117,25 @@ class ParameterDelta:
 
 def _module(target: LoadedModel | nn.Module) -> nn.Module:
     return target.model if isinstance(target, LoadedModel) else target
+
+
+def check_digests(target: LoadedModel | nn.Module, digests: dict[str, str], what: str) -> None:
+    """Raise :class:`PatchError` unless every named parameter has exactly its recorded digest."""
+    model = _module(target)
+    changed = [n for n, d in digests.items() if tensor_digest(model.get_parameter(n)) != d]
+    if changed:
+        raise PatchError(f"{what} did not restore {changed} bit-exactly")
+
+
+def _withdraw(lm: LoadedModel, patch: Patch) -> None:
+    """Take the in-context ``patch`` (this very object, not an equal one) off ``lm``, checking that
+    it was applied once and is gone."""
+    kept = [p for p in lm.context_patches if p is not patch]
+    if len(kept) != len(lm.context_patches) - 1:
+        raise PatchError(f"the in-context {patch.method} patch is not applied to this model once")
+    lm.context_patches[:] = kept
+    if any(p is patch for p in lm.context_patches):
+        raise PatchError(f"the in-context {patch.method} patch was not removed")
 
 
 @dataclass
@@ -255,15 +277,17 @@ class Patch:
         return self
 
     def revert(self, target: LoadedModel | nn.Module | None = None) -> None:
-        """Restore the exact weights (or prompts) the patch was applied to.
+        """Restore the exact weights (or prompts) the patch was applied to, and check it.
 
         Refused when the weights changed since :meth:`apply` (revert patches in reverse order).
+        After restoring, every touched tensor must again have its recorded digest
+        (:attr:`base_digests`), and an in-context patch must be gone from the model's applied
+        patches; otherwise :class:`PatchError`.
         """
         if not self.is_applied:
             raise PatchError("patch is not applied")
         if self.kind == "context":
-            lm = self._applied_to
-            lm.context_patches.remove(self)
+            _withdraw(self._applied_to, self)
             self._applied_to = None
             return
         model = self._applied_to if target is None else _module(target)
@@ -284,6 +308,7 @@ class Patch:
         self._backup = None
         self._applied_digests = None
         self._applied_to = None
+        check_digests(model, self.base_digests, f"reverting the {self.method} patch")
 
     @contextmanager
     def applied(self, target: LoadedModel | nn.Module) -> Iterator[Patch]:
@@ -303,7 +328,7 @@ class Patch:
         try:
             target.rewriters()  # realise it now, so a bad patch fails here, not when scoring
         except BaseException:
-            target.context_patches.remove(self)
+            _withdraw(target, self)
             raise
         self._applied_to = target
         return self
@@ -339,26 +364,29 @@ class Patch:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the patch to folder ``path``: ``patch.json`` and, for weights, ``deltas.safetensors``.
 
-        The folder is written next to its final place and renamed into it, so a crash never
-        leaves a half-written patch.
+        The folder is written next to its final place and swapped into it whole
+        (:func:`~lmscalpel.core.files.atomic_folder`): a crash at any moment leaves ``path``
+        holding the old patch or the new one, never half of one and never nothing. An existing
+        folder is replaced only if it is a saved patch (or empty); another folder is refused, not
+        deleted.
         """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2, ensure_ascii=False))
-        if self.deltas:
-            tensors = {k: v for d in self.deltas for k, v in d.tensors().items()}
-            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "lmscalpel-patch"})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        recover_folder(path)
+        if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
+            raise PatchError(f"{path} exists and is not a saved patch; choose another folder")
+        with atomic_folder(path) as tmp:
+            (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2, ensure_ascii=False))
+            if self.deltas:
+                tensors = {k: v for d in self.deltas for k, v in d.tensors().items()}
+                save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "lmscalpel-patch"})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Patch:
-        """Read a patch saved by :meth:`save`."""
+        """Read a patch saved by :meth:`save` (first finishing a replacement of it that a crash
+        interrupted, see :func:`~lmscalpel.core.files.recover_folder`)."""
         path = Path(path)
+        recover_folder(path)
         meta_path = path / META_FILE
         if not meta_path.is_file():
             raise PatchError(f"{path} is not a saved patch (no {META_FILE})")
@@ -394,22 +422,28 @@ class Patch:
         """Write ``lm`` with this patch applied as a plain Hugging Face folder.
 
         The folder loads with ``transformers`` alone; ``lmscalpel_patch.json`` in it records the
-        patch for the audit trail. ``lm`` is left as it was.
+        patch for the audit trail. ``lm`` is left as it was. The folder is written whole or not at
+        all (:func:`~lmscalpel.core.files.atomic_folder`); an existing folder is replaced only if
+        it is an earlier export (or empty).
         """
         if self.kind == "context":
             raise PatchError(
                 "an in-context patch changes prompts, not weights; it cannot be exported as a model"
             )
         folder = Path(folder)
+        recover_folder(folder)
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_FILE).is_file():
+            raise PatchError(f"{folder} exists and is not an exported model; choose another folder")
         was_applied = self.is_applied
         if not was_applied:
             self.apply(lm)
         try:
-            lm.model.save_pretrained(folder)
-            lm.tokenizer.save_pretrained(folder)
-            (folder / "lmscalpel_patch.json").write_text(
-                json.dumps(self.metadata(), indent=2, ensure_ascii=False)
-            )
+            with atomic_folder(folder) as tmp:
+                lm.model.save_pretrained(tmp)
+                lm.tokenizer.save_pretrained(tmp)
+                (tmp / EXPORT_FILE).write_text(
+                    json.dumps(self.metadata(), indent=2, ensure_ascii=False)
+                )
         finally:
             if not was_applied:
                 self.revert()
@@ -423,22 +457,55 @@ class Patch:
         )
 
 
+class WeightSnapshot:
+    """Pristine copies of parameters, each taken once, and their verified restoration.
+
+    :meth:`take` copies every named parameter not held yet and records its digest;
+    :meth:`restore` copies them all back and checks each against its digest (``PatchError`` when
+    one differs). Long sequential evaluations take the tensors each patch touches before applying
+    it without a backup (``keep_backup=False``), and restore the pristine model once at the end.
+    """
+
+    def __init__(self, target: LoadedModel | nn.Module, names: Sequence[str] = ()) -> None:
+        self.model = _module(target)
+        self.saved: dict[str, torch.Tensor] = {}
+        self.digests: dict[str, str] = {}
+        self.take(names)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.saved)
+
+    def take(self, names: Sequence[str]) -> None:
+        """Copy the named parameters that are not held yet (the first copy is the one kept)."""
+        for name in names:
+            if name not in self.saved:
+                param = self.model.get_parameter(name)
+                self.saved[name] = param.detach().clone()
+                self.digests[name] = tensor_digest(param)
+
+    def restore(self) -> None:
+        """Copy every held parameter back, then check that each has its recorded digest again."""
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                self.model.get_parameter(name).copy_(value)
+        check_digests(self.model, self.digests, "restoring a weight snapshot")
+
+
 @contextmanager
 def weight_snapshot(
     target: LoadedModel | nn.Module, names: Sequence[str] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Copy the named parameters (all, by default) and restore them exactly when the block ends.
 
-    Methods that train in place use it so that the model is unchanged whatever happens inside;
-    long sequential evaluations use it to return to the pristine model.
+    Methods that train in place use it so that the model is unchanged whatever happens inside.
+    Yields the copies, ``{name: tensor}``. The restoration is verified (see
+    :class:`WeightSnapshot`).
     """
     model = _module(target)
     names = list(names) if names is not None else [n for n, _ in model.named_parameters()]
-    params = {n: model.get_parameter(n) for n in names}
-    saved = {n: p.detach().clone() for n, p in params.items()}
+    snapshot = WeightSnapshot(model, names)
     try:
-        yield saved
+        yield snapshot.saved
     finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
+        snapshot.restore()

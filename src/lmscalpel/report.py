@@ -1,6 +1,6 @@
 """What a user sees after an edit: the model's answers before and after, side by side.
 
-:func:`probe` measures a set of prompts (greedy answer, log-probabilities of the new and the true
+:func:`probe` measures a set of probes (greedy answer, log-probabilities of the new and the true
 target); :func:`before_after_table` renders two such measurements as a rich table. The CLI, the
 demo and notebooks all use these, so every place shows an edit the same way.
 """
@@ -12,65 +12,60 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from lmscalpel.core.requests import EditRequest
+from lmscalpel.core.requests import EditRequest, Probe
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.scoring import generate, score_targets
 
 
 @dataclass(frozen=True)
-class ProbePrompt:
-    """A prompt to watch, what role it plays, and which answers to score."""
-
-    role: str  # "edit", "paraphrase", "unrelated", "portability"
-    prompt: str
-    target_new: str | None
-    target_true: str | None
-
-
-@dataclass(frozen=True)
 class ProbeResult:
-    prompt: ProbePrompt
+    """What the model says for one probe: its greedy answer and the mean per-token
+    log-probabilities of the new and the true target (``None`` where the probe has none)."""
+
+    probe: Probe
     answer: str
     logprob_new: float | None
     logprob_true: float | None
 
 
-def probes_for(request: EditRequest) -> list[ProbePrompt]:
-    """The prompts that show an edit: the prompt, its paraphrases, locality and portability probes."""
-    probes = [ProbePrompt("edit", request.prompt, request.target_new, request.target_true)]
-    probes += [
-        ProbePrompt("paraphrase", p, request.target_new, request.target_true)
-        for p in request.paraphrases
-    ]
-    probes += [ProbePrompt("unrelated", p.prompt, None, p.answer) for p in request.locality]
-    probes += [
-        ProbePrompt(f"portability:{p.kind}", p.prompt, p.answer, p.answer_before)
-        for p in request.portability
-    ]
-    return probes
+def probes_for(request: EditRequest) -> list[Probe]:
+    """The prompts that show an edit: the prompt, its paraphrases, locality and portability probes
+    (:meth:`~lmscalpel.core.requests.EditRequest.probes`)."""
+    return list(request.probes())
 
 
-def probe(
-    lm: LoadedModel, probes: Sequence[ProbePrompt], max_new_tokens: int = 12
-) -> list[ProbeResult]:
+def shown_targets(probe: Probe) -> tuple[str | None, str | None]:
+    """The (new, true) targets a probe's row shows: a locality probe shows only its answer, as the
+    true one; the others show the target wanted after the edit and the one it competes with."""
+    if probe.role == "locality":
+        return None, probe.wanted
+    return probe.wanted, probe.other
+
+
+def role_label(probe: Probe) -> str:
+    """The role column: locality probes are "unrelated", portability ones carry their kind."""
+    if probe.role == "locality":
+        return "unrelated"
+    if probe.role == "portability":
+        return f"portability:{probe.kind}"
+    return probe.role
+
+
+def probe(lm: LoadedModel, probes: Sequence[Probe], max_new_tokens: int = 12) -> list[ProbeResult]:
     """Greedy answers and target log-probabilities (mean per token) for each probe."""
     answers = generate(lm, [p.prompt for p in probes], max_new_tokens=max_new_tokens)
-    pairs = [
-        (i, p.prompt, t)
-        for i, p in enumerate(probes)
-        for t in (p.target_new, p.target_true)
-        if t is not None
-    ]
+    shown = [shown_targets(p) for p in probes]
+    pairs = [(i, p.prompt, t) for i, p in enumerate(probes) for t in shown[i] if t is not None]
     scores = score_targets(lm, [q for _, q, _ in pairs], [t for _, _, t in pairs])
     by_key = {(i, t): s.mean_logprob for (i, _, t), s in zip(pairs, scores)}
     return [
         ProbeResult(
             p,
             a.strip().split("\n")[0],
-            by_key.get((i, p.target_new)) if p.target_new else None,
-            by_key.get((i, p.target_true)) if p.target_true else None,
+            by_key.get((i, new)) if new else None,
+            by_key.get((i, true)) if true else None,
         )
-        for i, (p, a) in enumerate(zip(probes, answers))
+        for i, (p, a, (new, true)) in enumerate(zip(probes, answers, shown))
     ]
 
 
@@ -87,8 +82,8 @@ def before_after_table(
         table.add_column(column, overflow="fold")
     for b, a in zip(before, after):
         table.add_row(
-            b.prompt.role,
-            b.prompt.prompt,
+            role_label(b.probe),
+            b.probe.prompt,
             b.answer,
             a.answer,
             f"{_lp(b.logprob_new)} → {_lp(a.logprob_new)}" if b.logprob_new is not None else "",

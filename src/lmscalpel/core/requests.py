@@ -5,6 +5,10 @@ the subject fills), the subject, the new target and optionally the true one, par
 (generalization), locality probes (unrelated prompts with their expected answers) and portability
 probes (consequences of the edit: multi-hop, reverse, alias). Requests validate themselves on
 construction and are stored as JSON or JSONL.
+
+:meth:`EditRequest.probes` is the one enumeration of a request's probes, each as a :class:`Probe`
+(role, prompt, the target wanted after the edit and the one it competes with): evaluation,
+the before/after report and MEND's training batches all read them from there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 PORTABILITY_KINDS = ("multi-hop", "reverse", "alias", "reasoning", "other")
+PROBE_ROLES = ("edit", "paraphrase", "locality", "portability")
 
 
 class EditRequestError(ValueError):
@@ -84,6 +89,28 @@ class PortabilityProbe:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """One prompt that judges an edit, in the terms every consumer shares.
+
+    ``role``: one of :data:`PROBE_ROLES`. ``wanted``: the target the *edited* model should give
+    (``target_new`` for the edit prompt and paraphrases, the probe's answer for locality and
+    portability). ``other``: the target ``wanted`` is compared against, CounterFact-style
+    (``target_true`` for edit and paraphrases, ``target_new`` for locality, so that a leaking edit
+    is seen, ``answer_before`` for portability); ``None`` when unknown. ``kind``: the locality or
+    portability kind (``None`` for edit and paraphrases). ``answers``: what a greedy continuation
+    must start with to count as an exact match (``(wanted,)``; a consumer may add aliases), or
+    ``None`` for locality probes, which are judged by unchanged top-1 tokens instead.
+    """
+
+    role: str
+    prompt: str
+    wanted: str
+    other: str | None = None
+    kind: str | None = None
+    answers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """One fact to rewrite: after the edit, ``prompt`` should continue with ``target_new``.
 
@@ -135,6 +162,20 @@ class EditRequest:
     def template(self) -> str:
         """The prompt with the subject's first occurrence replaced by ``{}``."""
         return self.prompt.replace(self.subject, "{}", 1)
+
+    def probes(self) -> tuple[Probe, ...]:
+        """Every probe of this request, in a fixed order: the edit prompt, the paraphrases, the
+        locality probes, the portability probes (see :class:`Probe`)."""
+        new, true = self.target_new, self.target_true
+        return (
+            Probe("edit", self.prompt, new, true, answers=(new,)),
+            *(Probe("paraphrase", p, new, true, answers=(new,)) for p in self.paraphrases),
+            *(Probe("locality", p.prompt, p.answer, new, p.kind) for p in self.locality),
+            *(
+                Probe("portability", p.prompt, p.answer, p.answer_before, p.kind, (p.answer,))
+                for p in self.portability
+            ),
+        )
 
     def check_fits(self, tokenizer, max_context: int) -> None:
         """Raise if any prompt of this request (with its target) exceeds the model's context."""

@@ -8,12 +8,13 @@
     summary = compare(lm, cases, ["ft-l", "ft-m"], out="runs/ft")  # or evaluate(lm, cases, "ft-l")
     summary.rows["unedited"]["ES"], summary.rows["ft-l"]["ES"], summary.rows["ft-l"]["NS"]
 
-Modules, one idea each: :mod:`.metrics` (definitions), :mod:`.cases` and :mod:`.datasets`
-(benchmark files -> cases), :mod:`.measure` (batched measurement through
-:mod:`lmscalpel.scoring`), :mod:`.aggregate` (measurements -> metrics -> rows),
-:mod:`.protocols` (single, batch, sequential), :mod:`.store` (resumable output folder),
-:mod:`.runner` (the pipeline), :mod:`.report` and :mod:`.plots` (tables and PNGs),
-:mod:`.resources` (time and peak memory of edits). See docs/evaluation.md.
+Modules, one idea each: :mod:`.metrics` (definitions), :mod:`.measure` (batched measurement
+through :mod:`lmscalpel.scoring`), :mod:`.aggregate` (measurements -> metrics -> rows),
+:mod:`.protocols` (single, batch, sequential, run by a :class:`~.protocols.MethodRun`),
+:mod:`.store` (resumable output folder), :mod:`.runner` (the pipeline), :mod:`.summary` (its
+result), :mod:`.report` and :mod:`.plots` (tables and PNGs), :mod:`.resources` (time and peak
+memory of edits). Benchmark files become cases in :mod:`lmscalpel.data` (one module per layout),
+whose loaders are re-exported here. See docs/evaluation.md.
 """
 
 from lmscalpel.data.cases import EvalCase, select_cases
@@ -29,7 +30,8 @@ from lmscalpel.evaluation.aggregate import aggregate, case_metrics
 from lmscalpel.evaluation.measure import measure
 from lmscalpel.evaluation.options import PROTOCOLS, EvalOptions, EvaluationError
 from lmscalpel.evaluation.report import console_table, markdown_table
-from lmscalpel.evaluation.runner import BASELINE, MethodSpec, Summary, compare, evaluate
+from lmscalpel.evaluation.runner import MethodSpec, compare, evaluate
+from lmscalpel.evaluation.summary import BASELINE, Summary
 
 __all__ = [
     "BASELINE",

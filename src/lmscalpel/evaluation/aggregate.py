@@ -33,6 +33,7 @@ from typing import Any
 
 from lmscalpel.evaluation import metrics
 
+BASELINE = "unedited"  # the label of the unedited model's row
 RESOURCE_KEYS = ("seconds_per_edit", "peak_memory_mb", "memory_overhead_mb")
 
 

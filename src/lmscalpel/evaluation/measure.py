@@ -14,17 +14,21 @@ The result per case is a plain JSON-ready dict (stored per case, and turned into
      "fluency":     {"texts": [...], "entropy": float}}               # only for fluency cases
 
 Work is shared: all pairs of all cases go to one ``score_targets`` call (which groups pairs by
-prompt and reads several targets off one row); an answer whose teacher-forced tokens are all the
-argmax *is* the greedy continuation, and one whose first token cannot begin it is no match (see
-:func:`decide_match`), so only the remaining answers are generated for exact match.
+prompt and reads several targets off one row). Exact match is decided by generating, except where
+the greedy continuation's first token (the teacher-forced argmax after the prompt) already rules
+a match out (see :func:`cannot_match`). Teacher forcing cannot confirm a match: an answer whose
+tokens are all the argmax may still be glued to the next token (" Sega" then "MX"), which the
+word-boundary rule of :func:`~lmscalpel.evaluation.metrics.starts_with_answer` rejects.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
+from lmscalpel.core.requests import Probe
 from lmscalpel.data.cases import EvalCase
 from lmscalpel.evaluation import metrics
 from lmscalpel.evaluation.options import EvalOptions
@@ -35,36 +39,14 @@ from lmscalpel.tokens import encode_target
 MAX_MATCH_TOKENS = 32
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One prompt to measure: its role, the target it should get (``wanted``), the one it is
-    compared against (``other``, may be ``None``), the answers exact match accepts (``None``: not
-    judged by generation) and its locality / portability kind."""
-
-    role: str  # "edit", "paraphrase", "locality", "portability"
-    prompt: str
-    wanted: str
-    other: str | None
-    answers: tuple[str, ...] | None = None
-    kind: str | None = None
-
-
 def probes_of(case: EvalCase) -> list[Probe]:
-    """Every probe of a case, request by request: edit prompt, paraphrases, locality, portability."""
-    probes = []
-    for r in case.requests:
-        new = case.aliases(r.target_new)
-        probes.append(Probe("edit", r.prompt, r.target_new, r.target_true, new))
-        probes += [Probe("paraphrase", p, r.target_new, r.target_true, new) for p in r.paraphrases]
-        probes += [Probe("locality", p.prompt, p.answer, r.target_new, None, p.kind)
-                   for p in r.locality]  # fmt: skip
-        probes += [
-            Probe(
-                "portability", p.prompt, p.answer, p.answer_before, case.aliases(p.answer), p.kind
-            )
-            for p in r.portability
-        ]
-    return probes
+    """Every probe of a case, request by request (:meth:`EditRequest.probes` order), exact-match
+    answers extended by the case's aliases."""
+    return [
+        p if p.answers is None else replace(p, answers=case.aliases(p.wanted))
+        for r in case.requests
+        for p in r.probes()
+    ]
 
 
 def _entry(probe: Probe, wanted: TargetScore, other: TargetScore | None) -> dict[str, Any]:
@@ -87,24 +69,34 @@ def match_tokens(lm: LoadedModel, prompt: str, answers: Sequence[str]) -> int:
     return min(MAX_MATCH_TOKENS, longest + 2)
 
 
-def decide_match(hits: Sequence[bool], first_token: str, answers: Sequence[str]) -> bool | None:
-    """Exact match decided from teacher forcing alone, or ``None`` when generation must decide.
+def cannot_match(first_token: str, answers: Sequence[str]) -> bool:
+    """Whether no continuation that starts with the text ``first_token`` (a decoded token) can
+    start with one of ``answers`` in the sense of :func:`metrics.starts_with_answer`.
 
-    All answer tokens argmax: greedy decoding reproduces the answer, a match. Otherwise the greedy
-    continuation starts with ``first_token`` (the argmax after the prompt): when its normalised
-    text and no normalised answer is a prefix of the other, no continuation starting with it can
-    match. Anything else (a token that could begin an answer, punctuation) is left to generation.
+    That is so when the normalised token is non-empty and, for every normalised answer, neither
+    begins it nor extends it. Only what later text cannot change is relied on: the token must be
+    ASCII (a non-ASCII piece may be half of a character split across tokens) with no inner white
+    space (a tokenizer's clean-up may join words around it), and a final letter stands for every
+    letter it composes into with a following combining accent ("e" for "é"). ``True`` only when
+    that is certain; ``False`` means generation decides.
     """
-    if hits and all(hits):
-        return True
+    if not first_token.isascii() or any(c.isspace() for c in first_token.strip()):
+        return False
     start = metrics.normalize_answer(first_token)
     if not start:
-        return None
+        return False
+    composable = first_token[-1].isalpha()  # then it is the last character of ``start``
     for answer in answers:
         norm = metrics.normalize_answer(answer)
-        if norm and (norm.startswith(start) or start.startswith(norm)):
-            return None
-    return False
+        if not norm:
+            continue
+        if norm.startswith(start) or start.startswith(norm):
+            return False
+        if composable and len(norm) >= len(start) and norm.startswith(start[:-1]):
+            accented = unicodedata.normalize("NFD", norm[len(start) - 1])
+            if accented[0] == start[-1]:
+                return False
+    return True
 
 
 def exact_matches(
@@ -116,7 +108,7 @@ def exact_matches(
 ) -> list[bool]:
     """For each (prompt, answers): does the greedy continuation start with one of the answers?
 
-    ``known[i]``, when not ``None``, is item i's answer already (see :func:`decide_match`); only
+    ``known[i]``, when not ``None``, is item i's answer already (see :func:`cannot_match`); only
     the others are generated, each prompt once, in batches of similar required length.
     """
     results: list[bool | None] = list(known) if known is not None else [None] * len(items)
@@ -171,8 +163,8 @@ def measure(
         results[case.key][p.role].append(entry)
         if p.answers is not None:
             entry["match"] = None
-            first = lm.tokenizer.decode([wanted.argmax_ids[0]]) if wanted.argmax_ids else ""
-            decided = decide_match(wanted.argmax_hits, first, p.answers)
+            first = lm.tokenizer.decode(list(wanted.argmax_ids[:1]), skip_special_tokens=True)
+            decided = False if cannot_match(first, p.answers) else None
             matchable.append((entry, p.prompt, p.answers, decided))
     if options.exact_match and matchable:
         found = exact_matches(

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from lmscalpel.core.files import atomic_write_bytes
 from lmscalpel.evaluation.report import header
-from lmscalpel.evaluation.store import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from lmscalpel.evaluation.runner import Summary
+from lmscalpel.evaluation.summary import BASELINE, Summary
 
 RATES = ("ES", "PS", "NS", "score", "edit_acc", "exact_match", "locality_unchanged", "portability")
 MARKERS = ("o", "s", "^", "D", "v")
@@ -64,7 +61,7 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
             width,
             label=name,
             color=colours(i),
-            alpha=0.55 if name == "unedited" else 0.95,
+            alpha=0.55 if name == BASELINE else 0.95,
         )
         if len(names) * len(rates) <= 40:
             for bar, k in zip(bars, rates):
@@ -94,7 +91,7 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
                 x,
                 summary.rows[n][key],
                 color=colours(names.index(n)),
-                alpha=0.55 if n == "unedited" else 0.95,
+                alpha=0.55 if n == BASELINE else 0.95,
             )
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels(shown, rotation=30, ha="right")
@@ -132,10 +129,10 @@ def plot_retention(summary: Summary, path: str | Path) -> Path:
                 label=name,
                 color=colours(i + 1),
             )
-        base = summary.rows.get("unedited", {})
+        base = summary.rows.get(BASELINE, {})
         if key in base:
             scale = 1.0 if key == "fluency" else 100.0
-            ax.axhline(scale * base[key], color="grey", linestyle="--", label="unedited")
+            ax.axhline(scale * base[key], color="grey", linestyle="--", label=BASELINE)
         if most >= 10:
             ax.set_xscale("log")
         ticks = sorted({p["edits"] for c in summary.retention.values() for p in c})

@@ -8,12 +8,22 @@ papers), fluency in bits, time in seconds per edit and memory in MiB. A value a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from lmscalpel.evaluation.runner import Summary
+from lmscalpel.evaluation.aggregate import BASELINE
+
+
+class Tabulated(Protocol):
+    """What the tables read of a :class:`~lmscalpel.evaluation.summary.Summary` (which renders
+    itself with them, so this module cannot import it)."""
+
+    rows: dict[str, dict[str, float]]
+    protocol: str
+    n_cases: int
+    retention: dict[str, list[dict[str, float]]]
+
 
 ORDER = (
     "n_cases",
@@ -70,7 +80,7 @@ def fmt(key: str, value: float | None) -> str:
     return f"{100 * value:.1f}"
 
 
-def columns(summary: Summary, wanted: Sequence[str] | None = None) -> list[str]:
+def columns(summary: Tabulated, wanted: Sequence[str] | None = None) -> list[str]:
     """The columns some row has, in a fixed order (per-kind breakdowns after their totals)."""
     present = {k for row in summary.rows.values() for k in row}
     if wanted is not None:
@@ -91,7 +101,7 @@ def columns(summary: Summary, wanted: Sequence[str] | None = None) -> list[str]:
     return ordered + extra
 
 
-def markdown_table(summary: Summary) -> str:
+def markdown_table(summary: Tabulated) -> str:
     """All columns, one row per method (the unedited baseline first), with a legend."""
     keys = columns(summary)
     lines = [
@@ -124,7 +134,7 @@ def markdown_table(summary: Summary) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def console_table(summary: Summary, title: str | None = None) -> Table:
+def console_table(summary: Tabulated, title: str | None = None) -> Table:
     """The main columns for a terminal (the full set is in table.md and summary.json)."""
     keys = columns(summary, TERMINAL)
     table = Table(
@@ -136,6 +146,6 @@ def console_table(summary: Summary, title: str | None = None) -> Table:
         table.add_column(header(key), justify="right")
     for name, row in summary.rows.items():
         table.add_row(
-            name, *(fmt(k, row.get(k)) for k in keys), style="dim" if name == "unedited" else None
+            name, *(fmt(k, row.get(k)) for k in keys), style="dim" if name == BASELINE else None
         )
     return table

@@ -20,32 +20,32 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from lmscalpel.core.config import MethodConfig
+from lmscalpel.core.files import atomic_write_json, atomic_write_text
 from lmscalpel.core.requests import EditRequestError
 from lmscalpel.data.cases import EvalCase
 from lmscalpel.editing import validate_requests
-from lmscalpel.evaluation.aggregate import aggregate, case_metrics, resource_columns
+from lmscalpel.evaluation.aggregate import BASELINE, aggregate, case_metrics, resource_columns
 from lmscalpel.evaluation.measure import measure
 from lmscalpel.evaluation.options import EvalOptions, EvaluationError
-from lmscalpel.evaluation.protocols import PROTOCOL_RUNNERS, clear_state
-from lmscalpel.evaluation.report import markdown_table
-from lmscalpel.evaluation.store import RunStore, atomic_write_json, atomic_write_text
+from lmscalpel.evaluation.plots import plot_metrics, plot_retention
+from lmscalpel.evaluation.protocols import MethodRun, run_protocol
+from lmscalpel.evaluation.store import RunStore
+from lmscalpel.evaluation.summary import Summary
 from lmscalpel.methods import get_editor
 from lmscalpel.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
-BASELINE = "unedited"
 ConfigLike = MethodConfig | dict[str, Any] | str | Path | None
 
 
@@ -62,41 +62,6 @@ class MethodSpec:
     @property
     def name(self) -> str:
         return self.label or self.method
-
-
-@dataclass
-class Summary:
-    """The result of a run.
-
-    ``rows``: ``{"unedited": {...}, label: {...}, ...}``, each a dict of metric columns (see
-    :mod:`lmscalpel.evaluation.aggregate`; fractions in [0, 1], ``fluency`` in bits,
-    ``seconds_per_edit``, ``peak_memory_mb``, ``memory_overhead_mb``, ``n_cases``).
-    ``retention``: for the sequential protocol, per method, one dict per checkpoint
-    ``{"edits": k, **metrics}``. ``info``: data, model, options, method configurations,
-    left-out cases, output folder, wall time.
-    """
-
-    rows: dict[str, dict[str, float]]
-    protocol: str
-    n_cases: int
-    retention: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def methods(self) -> list[str]:
-        return [k for k in self.rows if k != BASELINE]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "protocol": self.protocol,
-            "n_cases": self.n_cases,
-            "rows": self.rows,
-            "retention": self.retention,
-            "info": self.info,
-        }
-
-    def markdown(self) -> str:
-        return markdown_table(self)
 
 
 def _specs(methods: Sequence[str | MethodSpec] | Mapping[str, ConfigLike]) -> list[MethodSpec]:
@@ -281,25 +246,15 @@ def compare(
         rows = {BASELINE: aggregate(case_metrics(pre[c.key], None, c.tags) for c in cases)}
         rows[BASELINE]["n_cases"] = len(cases)
         retention: dict[str, list[dict[str, float]]] = {}
-        run = PROTOCOL_RUNNERS[options.protocol]
         for spec in specs:
             label = spec.name
-            run(
-                lm,
-                editors[label],
-                configs[label],
-                label,
-                cases,
-                pre,
-                options,
-                store,
-                fluency_keys=fluency_keys,
-                progress=progress,
-            )
+            run = MethodRun(lm, editors[label], configs[label], label, cases, pre, options,
+                            store, frozenset(fluency_keys), progress)  # fmt: skip
+            run_protocol(run)
             rows[label], curve = _method_row(store, label, cases, options.protocol)
             if options.protocol == "sequential":
                 retention[label] = curve
-                clear_state(store, label)
+                store.clear_state(label)  # the saved edits only serve a resume
         summary = Summary(
             rows=rows,
             protocol=options.protocol,
@@ -373,13 +328,11 @@ def _prepare_folder(store: RunStore, overwrite: bool) -> None:
     ):
         (root / name).unlink(missing_ok=True)
     for label in old.get("methods", {}):
-        shutil.rmtree(store.method_dir(label), ignore_errors=True)
+        store.clear_method(label)
 
 
 def write_outputs(summary: Summary, store: RunStore) -> None:
     """summary.json, table.md and the plots, each written atomically."""
-    from lmscalpel.evaluation.plots import plot_metrics, plot_retention
-
     atomic_write_json(store.root / "summary.json", summary.to_dict())
     atomic_write_text(store.root / "table.md", summary.markdown())
     plot_metrics(summary, store.root / "metrics.png")

@@ -11,10 +11,7 @@ imports the methods (which sit floors above them).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from lmscalpel.models.loaded import LoadedModel
+from typing import Any, Protocol
 
 Message = dict[str, str]
 
@@ -39,9 +36,9 @@ class ContextPatch(Protocol):
     context_state: dict[str, Any] | None
 
 
-RewriterBuilder = Callable[[Sequence[Any], "LoadedModel"], PromptRewriter]
+RewriterBuilder = Callable[[Sequence[Any], Any], PromptRewriter]
 """``builder(patches, lm)``: one rewriter realising all of a method's applied
-:class:`ContextPatch` es (oldest first) on ``lm``."""
+:class:`ContextPatch` es (oldest first) on ``lm`` (a :class:`~lmscalpel.models.loaded.LoadedModel`)."""
 
 _BUILDERS: dict[str, RewriterBuilder] = {}
 
