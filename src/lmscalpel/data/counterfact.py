@@ -29,15 +29,7 @@ def parse_counterfact(record: dict, index: int) -> EvalCase:
         answer = fields.answer(record.get("locality_ground_truth"), "locality_ground_truth")
         prompt = fields.prompt(record["locality_prompt"], "locality_prompt")
         locality = (LocalityProbe(prompt, answer),)
-    request = EditRequest(
-        prompt=fields.prompt(fields.need(record, "prompt"), "prompt"),
-        subject=fields.need(record, "subject"),
-        target_new=fields.answer(fields.need(record, "target_new"), "target_new"),
-        target_true=fields.optional_answer(record.get("ground_truth"), "ground_truth"),
-        paraphrases=tuple(fields.prompts(record.get("rephrase_prompt"), "rephrase_prompt")),
-        locality=locality,
-        case_id=record.get("case_id", index),
-    )
+    request = fields.easyedit_request(record, index, locality=locality)
     return fields.case(index, "counterfact", request)
 
 

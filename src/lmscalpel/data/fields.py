@@ -87,3 +87,18 @@ def need(record: dict, key: str) -> Any:
 def case(index: int, source: str, *requests: EditRequest, **kwargs: Any) -> EvalCase:
     """The case of record ``index``: its key is the index, its requests are edited together."""
     return EvalCase(key=str(index), requests=requests, index=index, source=source, **kwargs)
+
+
+def easyedit_request(record: dict, index: int, **rest: Any) -> EditRequest:
+    """The request of a record in EasyEdit's flat layout (CounterFact simplified, KnowEdit): the
+    fields ``prompt``, ``subject``, ``target_new``, ``ground_truth`` and ``rephrase_prompt``, with
+    ``rest`` (locality, portability) as the layout reads them."""
+    return EditRequest(
+        prompt=prompt(need(record, "prompt"), "prompt"),
+        subject=need(record, "subject"),
+        target_new=answer(need(record, "target_new"), "target_new"),
+        target_true=optional_answer(record.get("ground_truth"), "ground_truth"),
+        paraphrases=tuple(prompts(record.get("rephrase_prompt"), "rephrase_prompt")),
+        case_id=record.get("case_id", index),
+        **rest,
+    )

@@ -6,7 +6,7 @@ answer, the rest aliases)."""
 
 from __future__ import annotations
 
-from lmscalpel.core.requests import EditRequest, LocalityProbe, PortabilityProbe
+from lmscalpel.core.requests import LocalityProbe, PortabilityProbe
 from lmscalpel.data import fields
 from lmscalpel.data.cases import EvalCase
 from lmscalpel.data.fields import Malformed
@@ -59,14 +59,7 @@ def parse_knowedit(record: dict, index: int) -> EvalCase:
         )
         for kind, probe in probe_groups(record, "locality")
     ]
-    request = EditRequest(
-        prompt=fields.prompt(fields.need(record, "prompt"), "prompt"),
-        subject=fields.need(record, "subject"),
-        target_new=fields.answer(fields.need(record, "target_new"), "target_new"),
-        target_true=fields.optional_answer(record.get("ground_truth"), "ground_truth"),
-        paraphrases=tuple(fields.prompts(record.get("rephrase_prompt"), "rephrase_prompt")),
-        locality=tuple(locality),
-        portability=tuple(portability),
-        case_id=record.get("case_id", index),
+    request = fields.easyedit_request(
+        record, index, locality=tuple(locality), portability=tuple(portability)
     )
     return fields.case(index, "knowedit", request, answer_aliases=aliases)
