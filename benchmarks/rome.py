@@ -21,10 +21,8 @@ about a bit between greedy generations, so 20 cases leave the mean drop uncertai
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ import lmscalpel as ls
 from lmscalpel.evaluation import EvalOptions, evaluate, load_cases
 from lmscalpel.evaluation.store import RunStore
 from lmscalpel.methods import get_editor
+from records import machine, run_header
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -149,14 +148,7 @@ def main() -> None:
         )
 
     result = {
-        "benchmark": "rome",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": str(args.data.name),
-        "n_cases": summary.n_cases,
-        "protocol": "single",
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "config": config.to_dict(),
+        **run_header("rome", args.data, summary, lm, config),
         "rows": summary.rows,
         "edit_seconds": {
             "median": median_seconds,
@@ -166,14 +158,7 @@ def main() -> None:
         },
         "prepare_seconds": prepare_seconds,
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in checks],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_at_end": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(load_before),
         "wall_seconds": wall,
         "fluency_cases": args.fluency_cases,
         "fluency_change": fluency_change,

@@ -23,10 +23,8 @@ before the clock starts; it does not depend on ``stop_nll``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -45,6 +43,7 @@ from lmscalpel.methods import get_editor, register
 from lmscalpel.methods.rome import ROME, ROMEConfig
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.patch import Patch
+from records import machine, run_header
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = shared_data_file("counterfact/train.json")
@@ -150,14 +149,7 @@ def main() -> None:
     )
 
     result = {
-        "benchmark": "value_stop",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": str(args.data.name),
-        "n_cases": summary.n_cases,
-        "protocol": "single",
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "config": config.to_dict(),
+        **run_header("value_stop", args.data, summary, lm, config),
         "default_stop_nll": ValueOptions().stop_nll,
         "values": args.values,
         "rows": summary.rows,
@@ -166,14 +158,7 @@ def main() -> None:
         "prepare_seconds": prepare_seconds,
         "wall_seconds": wall,
         "fluency_cases": args.fluency_cases,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_at_end": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(load_before),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
