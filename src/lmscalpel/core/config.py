@@ -94,6 +94,18 @@ def _check_type(cls: type, name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML file at ``path`` (``{}`` when empty); a missing file raises
+    :class:`FileNotFoundError`, invalid YAML :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+
+
 def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
@@ -171,12 +183,7 @@ class MethodConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, model_type: str | None = None) -> C:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML: {error}") from None
-        return cls.from_dict(data, model_type, where=str(path))
+        return cls.from_dict(read_yaml(path), model_type, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {

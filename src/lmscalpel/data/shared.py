@@ -13,13 +13,17 @@ from pathlib import Path
 DATA_ENV = "LMSCALPEL_DATA"
 
 
-def shared_data_dir() -> Path:
-    """``$LMSCALPEL_DATA``, or the ``shared/data`` folder beside the project's checkout (the
-    folder need not exist)."""
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
+def checkout_data_dir() -> Path:
+    """The ``shared/data`` folder beside the project's checkout (it need not exist)."""
     # src/lmscalpel/data/shared.py -> the checkout is parents[3], shared/ sits beside it
     return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """``$LMSCALPEL_DATA``, or :func:`checkout_data_dir` (the folder need not exist)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return checkout_data_dir()
 
 
 def shared_data_file(relative: str | os.PathLike) -> Path:

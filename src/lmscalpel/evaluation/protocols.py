@@ -297,7 +297,7 @@ def run_sequential(run: MethodRun) -> None:
     checkpoints = set(options.checkpoints_for(len(cases)))
     if recorded >= {c.key for c in cases} and measured >= checkpoints:
         return  # finished earlier
-    fluency_cases = [c for c in cases if c.key in set(run.fluency_keys)]
+    fluency_cases = [c for c in cases if c.key in run.fluency_keys]
     state = SequentialState(lm, run.store.state_dir(label))
     check = _PristineCheck(lm, label)
     try:

@@ -28,26 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmscalpel.core.files import (
-    atomic_folder,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    discard_folder,
-)
+from lmscalpel.core.files import atomic_write_json, discard_folder
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "JsonLines",
-    "RunStore",
-    "atomic_folder",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "discard_folder",
-    "safe_name",
-]
+__all__ = ["JsonLines", "RunStore", "safe_name"]
 
 
 class JsonLines:

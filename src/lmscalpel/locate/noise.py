@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmscalpel.core.cache import JSON, DiskCache
+from lmscalpel.data.shared import checkout_data_dir, shared_data_file
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.tokens import SubjectNotFoundError, encode_prompt, subject_token_positions
 
@@ -36,10 +37,7 @@ def default_knowns_path() -> Path | None:
     Looked up in ``$LMSCALPEL_DATA`` and then in ``shared/data`` beside the project's checkout
     (where the project's benchmark data lives).
     """
-    candidates = []
-    if os.environ.get("LMSCALPEL_DATA"):
-        candidates.append(Path(os.environ["LMSCALPEL_DATA"]) / KNOWNS_RELATIVE)
-    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "data" / KNOWNS_RELATIVE)
+    candidates = [shared_data_file(KNOWNS_RELATIVE), checkout_data_dir() / KNOWNS_RELATIVE]
     return next((path for path in candidates if path.is_file()), None)
 
 

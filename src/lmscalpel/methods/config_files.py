@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmscalpel.core.config import ConfigError, MethodConfig
+from lmscalpel.core.config import ConfigError, MethodConfig, read_yaml
 from lmscalpel.methods.base import available_methods, editor_class
 
 C = TypeVar("C", bound=MethodConfig)
@@ -46,18 +46,6 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
     return overrides
 
 
-def read_yaml(path: str | Path) -> Any:
-    """The parsed YAML file at ``path`` (``{}`` when empty); a missing file raises
-    :class:`FileNotFoundError`, invalid YAML :class:`~lmscalpel.core.config.ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
-
-
 def build_config(
     cls: type[C],
     model_type: str | None,
@@ -70,7 +58,7 @@ def build_config(
     if path is None:
         base = cls.for_model(model_type)
     else:
-        base = cls.from_dict(read_yaml(path), model_type, where=str(path))
+        base = cls.from_yaml(path, model_type)
     return base.replace(**overrides) if overrides else base
 
 

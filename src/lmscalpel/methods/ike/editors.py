@@ -31,9 +31,7 @@ SPARE_NEIGHBOURS = 8  # retrieved beyond k, to skip pool items that are the requ
 
 
 def _longest_query(request: EditRequest) -> str:
-    queries = [request.prompt, *request.paraphrases, *(p.prompt for p in request.locality)]
-    queries += [p.prompt for p in request.portability]
-    return max(queries, key=len)
+    return max((probe.prompt for probe in request.probes()), key=len)
 
 
 def _fits(lm: LoadedModel, fact: StoredFact, query: str, settings: InContextConfig) -> bool:
