@@ -90,9 +90,9 @@ def test_blocks_take_the_hidden_state_first(any_tiny):
     finally:
         handle.remove()
     args, kwargs = calls[0]
-    assert torch.equal(a.block_hidden(args, kwargs), seen[a.layer_name(0)].output)
+    assert torch.equal(hidden_input(args, kwargs), seen[a.layer_name(0)].output)
     new = torch.zeros(1, ids.shape[1], 32)
-    args2, kwargs2 = a.with_block_hidden(args, kwargs, new)
+    args2, kwargs2 = with_hidden_input(args, kwargs, new)
     assert hidden_input(args2, kwargs2) is new
     assert len(args2) == len(args) and kwargs2.keys() == kwargs.keys()
     # by keyword, too

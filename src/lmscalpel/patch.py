@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmscalpel.core.files import atomic_folder, recover_folder
+from lmscalpel.core.files import atomic_folder, recover_folder, replaceable
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.core.version import __version__
 from lmscalpel.models.fingerprint import tensor_digest
@@ -369,8 +369,7 @@ class Patch:
         deleted.
         """
         path = Path(path)
-        recover_folder(path)
-        if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
+        if not replaceable(path, META_FILE):
             raise PatchError(f"{path} exists and is not a saved patch; choose another folder")
         with atomic_folder(path) as tmp:
             (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2, ensure_ascii=False))
@@ -429,8 +428,7 @@ class Patch:
                 "an in-context patch changes prompts, not weights; it cannot be exported as a model"
             )
         folder = Path(folder)
-        recover_folder(folder)
-        if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_FILE).is_file():
+        if not replaceable(folder, EXPORT_FILE):
             raise PatchError(f"{folder} exists and is not an exported model; choose another folder")
         was_applied = self.is_applied
         if not was_applied:

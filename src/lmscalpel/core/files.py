@@ -227,6 +227,14 @@ def recover_folder(path: str | os.PathLike) -> None:
             _remove(leftover)
 
 
+def replaceable(path: Path, marker: str) -> bool:
+    """Whether a writer of folders of one kind (recognised by their ``marker`` file) may replace
+    ``path``: absent, empty, or holding ``marker`` (after finishing an interrupted replacement,
+    :func:`recover_folder`). Writers refuse anything else rather than delete a stranger's folder."""
+    recover_folder(path)
+    return not (path.is_dir() and any(path.iterdir())) or (path / marker).is_file()
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """A fresh folder beside ``path`` to fill; when the block ends without error it takes the

@@ -357,7 +357,7 @@ def kind_peaks(summary: dict) -> list[KindPeak]:
     peaks = []
     for kind, curve in summary["last_subject_token"].items():
         mean = curve["mean"]
-        layer = max(range(len(mean)), key=mean.__getitem__)
+        layer = summary[f"{kind}_peak_layer"]
         last = summary["token_classes"][kind]["last token"]
         peaks.append(KindPeak(kind, layer, mean[layer], None if last is None else last[layer]))
     return peaks

@@ -112,9 +112,16 @@ def recorded_peaks() -> dict[str, TracedPeak]:
         return {}
 
 
+def _traced(fingerprint: str) -> tuple[TracedPeak | None, LayerReason]:
+    """The model's traced MLP peak and where it comes from: the user's own aggregate if
+    recorded, else a shipped one (``None`` if neither)."""
+    recorded = recorded_peaks().get(fingerprint)
+    return (recorded, "recorded") if recorded else (MEASURED.get(fingerprint), "shipped")
+
+
 def traced_peak(fingerprint: str) -> TracedPeak | None:
     """The model's traced MLP peak: the user's own aggregate if recorded, else a shipped one."""
-    return recorded_peaks().get(fingerprint) or MEASURED.get(fingerprint)
+    return _traced(fingerprint)[0]
 
 
 def choose_edit_layer(
@@ -135,10 +142,7 @@ def choose_edit_layer(
     if configured is not None:
         return LayerChoice(configured, "config")
     if fingerprint is not None:
-        recorded = recorded_peaks().get(fingerprint)
-        peak, reason = (
-            (recorded, "recorded") if recorded else (MEASURED.get(fingerprint), "shipped")
-        )
+        peak, reason = _traced(fingerprint)
         if peak is not None and peak.layer < num_layers:
             return LayerChoice(peak.layer, reason, peak=peak)
     return LayerChoice(depth_layer, "depth", default_depth=default_depth)

@@ -246,18 +246,6 @@ class ModelAdapter:
         window = getattr(config, "sliding_window", None)
         return int(window) if window else None
 
-    # ---- what a decoder block is called with ---------------------------------------------------
-    def block_hidden(self, args: tuple, kwargs: Mapping[str, object]) -> torch.Tensor:
-        """The hidden state (B, S, d) in a decoder block's call arguments (see
-        :func:`hidden_input`)."""
-        return hidden_input(args, kwargs)
-
-    def with_block_hidden(
-        self, args: tuple, kwargs: Mapping[str, object], hidden: torch.Tensor
-    ) -> tuple[tuple, dict]:
-        """A decoder block's call arguments with the hidden state replaced by ``hidden``."""
-        return with_hidden_input(args, kwargs, hidden)
-
     @property
     def max_context(self) -> int:
         for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):

@@ -36,9 +36,7 @@ __all__ = [
     "Prefix",
     "cache_fits",
     "cache_kv",
-    "is_cache",
     "new_cache",
-    "repeat_rows",
     "run_after",
     "run_body",
     "run_prefix",
@@ -67,11 +65,6 @@ def _cache_keyword(body: nn.Module) -> str:
         parameters = inspect.signature(body.forward).parameters
         _KEYWORD[kind] = "cache" if "cache" in parameters else "past_key_values"
     return _KEYWORD[kind]
-
-
-def is_cache(value: object) -> bool:
-    """Whether ``value`` is a key/value cache (e.g. among a layer's call arguments)."""
-    return isinstance(value, Cache)
 
 
 def run_body(
@@ -207,13 +200,6 @@ def cache_kv(cache: Cache | None, length: int) -> list[KeyValues] | None:
     return kv
 
 
-def repeat_rows(cache: Cache, n: int) -> Cache:
-    """``cache`` with each row repeated ``n`` times (row ``r`` becomes rows ``r*n .. r*n+n-1``);
-    changed in place and returned."""
-    cache.batch_repeat_interleave(n)
-    return cache
-
-
 def cache_fits(lm: LoadedModel, width: int) -> bool:
     """Whether a cache of ``lm`` holds all of ``width`` columns: a sliding window keeps only its
     last ``window - 1`` (the window comes from the adapter)."""
@@ -266,5 +252,5 @@ def run_after(
     if rows is not None and rows != prefix.hidden.shape[0]:
         if prefix.hidden.shape[0] != 1:
             raise ValueError(f"a prefix of {prefix.hidden.shape[0]} rows cannot serve {rows} rows")
-        repeat_rows(cache, rows)
+        cache.batch_repeat_interleave(rows)  # row r becomes rows r*n .. r*n+n-1
     return run_body(lm, input_ids, attention_mask, position_ids, cache=cache)

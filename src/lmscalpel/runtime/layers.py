@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lmscalpel.models.adapter import with_hidden_input
 from lmscalpel.models.loaded import LoadedModel
 
 
@@ -59,7 +60,7 @@ def from_layer(lm: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[No
     if layer < len(blocks):
 
         def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return adapter.with_block_hidden(args, kwargs, hidden)
+            return with_hidden_input(args, kwargs, hidden)
 
         handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from lmscalpel.core.config import ConfigError
-from lmscalpel.core.files import atomic_folder, recover_folder
+from lmscalpel.core.files import atomic_folder, recover_folder, replaceable
 from lmscalpel.core.version import __version__
 from lmscalpel.methods.mend.network import MENDNetwork
 from lmscalpel.models.loaded import LoadedModel
@@ -46,8 +46,7 @@ def save_editor(
     An existing folder is replaced only if it holds a saved editor (or nothing): saving over
     another folder by mistake is refused rather than deleting it."""
     folder = Path(folder)
-    recover_folder(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
+    if not replaceable(folder, CONFIG_FILE):
         raise EditorCheckpointError(
             f"{folder} exists and is not a saved editor; choose another folder or delete it"
         )
