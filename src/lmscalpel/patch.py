@@ -270,7 +270,10 @@ class Patch:
                         params[name].copy_(saved)
                 raise
         self._backup = backup
-        self._applied_digests = {n: tensor_digest(p) for n, p in params.items()}
+        # what revert checks before restoring; without a backup there is no revert to check
+        self._applied_digests = (
+            {n: tensor_digest(p) for n, p in params.items()} if backup is not None else None
+        )
         self._applied_to = model
         return self
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from types import ModuleType
 
 from lmscalpel.core.files import atomic_write_bytes
 from lmscalpel.evaluation.report import header
@@ -27,10 +23,22 @@ CURVES = (
 )
 
 
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only backend, imported when a plot is drawn: it costs about
+    half a second, which every ``import lmscalpel.evaluation`` (the CLI's error report too) would
+    otherwise pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def _save(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
@@ -43,6 +51,7 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
     side = [k for k in ("fluency", "seconds_per_edit") if k in present]
     many = len(names) > 4
     widths = [max(4.0, 0.9 * len(rates))] + [max(1.6, 0.32 * len(names))] * len(side)
+    plt = _pyplot()
     fig, axes = plt.subplots(
         1, 1 + len(side), figsize=(sum(widths) + 1.5, 4.2),
         gridspec_kw={"width_ratios": widths}, squeeze=False,
@@ -112,6 +121,7 @@ def plot_retention(summary: Summary, path: str | Path) -> Path:
     panels = [(k, t) for k, t in CURVES if k in present]
     cols = min(3, len(panels)) or 1
     rows = (len(panels) + cols - 1) // cols or 1
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     colours = plt.get_cmap("tab10")
     most = max((p["edits"] for c in summary.retention.values() for p in c), default=1)
