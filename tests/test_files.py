@@ -107,7 +107,7 @@ def instrument_files(step) -> None:
 
         return wrapped
 
-    for name in ("_rename2", "_fsync_path", "_remove"):
+    for name in ("_rename2", "fsync_path", "_remove"):
         setattr(files, name, around(getattr(files, name)))
     os.rename = around(os.rename)
 

@@ -34,15 +34,20 @@ log = logging.getLogger(__name__)
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends
-    without error, and is removed otherwise."""
+    without error, and is removed otherwise. The temporary name is a hidden sibling carrying
+    this writer's host and process id (see :func:`recover_folder`), so the leftover of a writer
+    killed mid-write is removed by the next writer of ``path`` (or by any reader that recovers it),
+    and leftovers never accumulate."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    recover_folder(path)  # removes the temporary files of writers that were killed
+    tmp = _sibling(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself survives a power cut
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -133,7 +138,8 @@ def _rename_noreplace(a: Path, b: Path) -> bool:
     return True
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename in it survives a power cut) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,8 +152,8 @@ def _fsync_tree(folder: Path) -> None:
     for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
-                _fsync_path(Path(root) / name)
-        _fsync_path(Path(root))
+                fsync_path(Path(root) / name)
+        fsync_path(Path(root))
 
 
 def _remove(path: Path) -> None:
@@ -274,7 +280,7 @@ def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
             path.rename(aside)
             tmp.rename(path)
             tmp = aside
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     finally:
         _remove(tmp)
 
@@ -289,5 +295,27 @@ def discard_folder(path: str | os.PathLike) -> None:
         return
     trash = _sibling(path, "trash")
     path.rename(trash)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     _remove(trash)
+
+
+def read_user_text(path: str | os.PathLike, what: str, error: type[Exception]) -> str:
+    """The UTF-8 text of the file ``path`` a user named (``what`` names it in messages, e.g.
+    ``"config file"``). A folder, a name the file system refuses (too long, a NUL character) or
+    bytes that are not UTF-8 raise ``error`` with a one-line reason; a missing file raises
+    :class:`FileNotFoundError` ("no config file at PATH")."""
+    path = Path(path)
+    shown = str(path) if len(str(path)) <= 120 else str(path)[:117] + "..."
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError) as problem:
+        reason = getattr(problem, "strerror", None) or problem
+        raise error(f"cannot read a {what} at {shown}: {reason}") from None
+    if is_dir:
+        raise error(f"{path} is a folder, not a {what}")
+    if not is_file:
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not UTF-8 text (byte {problem.start}: {problem.reason})") from None

@@ -13,6 +13,7 @@ from lmscalpel.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     ModelNotAvailableError,
+    UnsafeModelError,
     load_model,
     wrap_model,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LoadedModel",
     "ModelAdapter",
     "ModelNotAvailableError",
+    "UnsafeModelError",
     "UnsupportedArchitectureError",
     "load_model",
     "model_fingerprint",

@@ -13,6 +13,8 @@ import hashlib
 import torch
 from torch import nn
 
+from lmscalpel.models.placement import parameter_values
+
 _SAMPLE = 1 << 16
 
 
@@ -29,10 +31,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short digest identifying a model's architecture and weights (see module docstring)."""
+    """A short digest identifying a model's architecture and weights (see module docstring);
+    the same for a model dispatched by accelerate, whose offloaded weights are read from disk."""
     digest = hashlib.sha256(str(getattr(model.config, "model_type", type(model).__name__)).encode())
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in parameter_values(model):
             flat = param.reshape(-1)
             step = max(1, flat.numel() // _SAMPLE)
             digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())

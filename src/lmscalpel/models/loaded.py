@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmscalpel.models.adapter import ModelAdapter
+from lmscalpel.models.placement import input_device
 from lmscalpel.models.rewriters import ContextPatch, Message, PromptRewriter, rewriter_builder
 
 
@@ -37,7 +38,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (for a model dispatched by accelerate: its embeddings' device)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
