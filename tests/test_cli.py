@@ -118,8 +118,10 @@ def test_a_malformed_edit_exits_2_in_one_line_and_touches_no_file(
     before = digests(patch_dir), digests(model_dir)
     result = run(*EDIT, *args, "--model", model_dir, "--save", patch_dir)
     assert result.exit_code == 2, result.output
-    lines = result.stdout.strip().splitlines()  # (stderr: progress bars)
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not result.stdout.strip(), result.stdout  # the error goes to stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert result.stderr.rstrip().endswith(lines[0])  # (before it: progress bars only)
     assert (digests(patch_dir), digests(model_dir)) == before
 
 
@@ -127,7 +129,8 @@ def test_a_malformed_requests_file_or_patch_or_model_exits_2(model_dir, tmp_path
     bad = tmp_path / "requests.jsonl"
     bad.write_text(json.dumps({"prompt": PROMPT, "subject": "Eiffel Tower"}) + "\n")
     result = run("edit", "--requests", bad, "--model", model_dir)
-    assert result.exit_code == 2 and result.stdout.startswith("error:"), result.output
+    assert result.exit_code == 2, result.output
+    assert result.stderr.rstrip().splitlines()[-1].startswith("error:"), result.output
     result = run("info", "--model", "/no/such/folder")
     assert result.exit_code == 2 and "no model file or folder" in result.output
     result = run("apply", tmp_path / "no-patch", "--model", model_dir)

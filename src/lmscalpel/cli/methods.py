@@ -24,7 +24,10 @@ def config_table(method: str, model_type: str | None) -> Table:
     for column in ("field", "type", "default", "help"):
         table.add_column(column, no_wrap=column == "field")
     for field in cls.config_class.describe(model_type):
-        cells = (field.name, field.type, repr(field.default), field.help or "-")
+        help_line = field.help or "-"
+        if field.allowed:
+            help_line = f"{help_line} [{field.allowed}]"
+        cells = (field.name, field.type, repr(field.default), help_line)
         table.add_row(*(escape(cell) for cell in cells))
     return table
 

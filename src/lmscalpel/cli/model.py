@@ -1,4 +1,10 @@
-"""``info``, ``generate``, ``score``: look at a model."""
+"""``info``, ``generate``, ``score``: look at a model.
+
+Each takes ``--trust-remote-code`` and ``--allow-pickle``, the opt-ins without which a model folder
+that ships its own code or holds only pickle weights is refused (see
+:mod:`lmscalpel.models.loading`); every command takes them as root options too
+(``lmscalpel --allow-pickle edit ...``). Prompts and targets are checked before the model loads.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,42 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lmscalpel.cli.app import ChatOption, ModelOption, app, console, friendly, load
+from lmscalpel.cli.app import (
+    ChatOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    app,
+    console,
+    friendly,
+    load,
+    placement,
+)
+
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the modelling code a model folder ships (auto_map, *.py). Read it first: "
+        "without this option such a folder is refused.",
+    ),
+]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Read pickle weights (pytorch_model.bin) from a folder without safetensors; "
+        "without this option such a folder is refused (unpickling can run code).",
+    ),
+]
+
+
+def opt_ins(trust_remote_code: bool, allow_pickle: bool) -> dict[str, bool]:
+    """The model-safety opt-ins given to a command, for :func:`~lmscalpel.cli.app.load` (which
+    otherwise uses the root's ``lmscalpel --trust-remote-code/--allow-pickle``)."""
+    given = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    return {name: True for name, value in given.items() if value}
+
 
 REASONS = {
     "config": "set in the config",
@@ -20,14 +61,20 @@ REASONS = {
 
 @app.command()
 @friendly
-def info(model: ModelOption = None) -> None:
+def info(
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
     """Show a model's architecture, size, fingerprint, methods, and which layer ROME edits (why)."""
     from lmscalpel.core.paths import lmscalpel_home
     from lmscalpel.methods import available_methods
     from lmscalpel.methods.rome import ROMEConfig
     from lmscalpel.models import supported_model_types
 
-    lm = load(model)
+    lm = load(model, **opt_ins(trust_remote_code, allow_pickle), **placement(device, dtype))
     a = lm.adapter
     choice = ROMEConfig.for_model(lm.model_type).layer_choice(a.num_layers, lm.fingerprint)
     table = Table(show_header=False)
@@ -58,13 +105,19 @@ def info(model: ModelOption = None) -> None:
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 20,
     chat: ChatOption = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Greedy continuation of each prompt."""
+    from lmscalpel.core.requests import check_text
     from lmscalpel.scoring import generate as greedy
 
-    lm = load(model, chat)
+    prompt = [check_text(p, "the prompt") for p in prompt]  # before the model loads
+    lm = load(model, chat, **opt_ins(trust_remote_code, allow_pickle), **placement(device, dtype))
     for p, text in zip(prompt, greedy(lm, prompt, max_new_tokens=max_new_tokens)):
         console.print(f"[bold]{p}[/bold]{text}")
 
@@ -75,13 +128,20 @@ def score(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     targets: Annotated[list[str], typer.Argument(help="Continuations to score.")],
     model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     chat: ChatOption = False,
     top: Annotated[int, typer.Option(help="Also show the top-k next tokens.")] = 5,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Teacher-forced log-probabilities of continuations of a prompt."""
+    from lmscalpel.core.requests import check_text
     from lmscalpel.scoring import score_targets, top_tokens
 
-    lm = load(model, chat)
+    prompt = check_text(prompt, "the prompt")  # before the model loads
+    targets = [check_text(t, "a target") for t in targets]
+    lm = load(model, chat, **opt_ins(trust_remote_code, allow_pickle), **placement(device, dtype))
     table = Table(title=prompt)
     for column in ("target", "tokens", "mean log P", "P(target)", "token accuracy"):
         table.add_column(column)

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lmscalpel.cli.app import ChatOption, ModelOption, app, console, friendly, load
+from lmscalpel.cli.app import (
+    ChatOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    app,
+    console,
+    friendly,
+    load,
+    placement,
+)
 
 
 @app.command("trace")
@@ -66,6 +76,8 @@ def trace_command(
         ),
     ] = False,
     model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     chat: ChatOption = False,
 ) -> None:
     """Causal tracing (Meng et al. 2022): where a fact flows from the subject to the answer."""
@@ -89,7 +101,7 @@ def trace_command(
             )
     if noise_sample is not None and not noise_sample.is_file():
         raise FileNotFoundError(f"no noise sample file at {noise_sample}")
-    lm = load(model, chat)
+    lm = load(model, chat, **placement(device, dtype))
     sigma = noise if noise is not None else noise_level(lm, noise_sample)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lmscalpel.cli.app import ModelOption, app, console, friendly, load, overrides
+from lmscalpel.cli.app import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    app,
+    console,
+    friendly,
+    load,
+    overrides,
+    placement,
+)
 
 
 @app.command("train-editor")
@@ -35,30 +45,37 @@ def train_editor(
         int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")
     ] = None,
     model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Meta-train a learned editor (MEND) for a model and save it for `edit --editor`."""
     import time
 
     import torch
 
-    from lmscalpel.methods.config_files import build_config
+    from lmscalpel.core.config import ConfigError
+    from lmscalpel.methods.config_files import build_config, check_methods
     from lmscalpel.methods.mend import MENDTrainConfig
     from lmscalpel.methods.mend.workflow import SCORES, read_edit_records
     from lmscalpel.methods.mend.workflow import train_editor as train
 
+    check_methods([method])
     if method != "mend":
-        raise typer.BadParameter(f"{method!r} is not a learned editor; use --method mend")
-    if threads:
-        torch.set_num_threads(threads)
+        raise ConfigError(f"{method!r} is not a learned editor; use --method mend")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
     started = time.monotonic()
     sets = overrides(set_)
     if steps is not None:
         sets["steps"] = steps
     if max_minutes is not None:
         sets["max_minutes"] = max_minutes
-    lm = load(model)
-    cfg = build_config(MENDTrainConfig, lm.model_type, config, sets)
+    build_config(MENDTrainConfig, None, config, sets)  # a bad setting fails before the model loads
     records = read_edit_records(data)
+    if threads:
+        torch.set_num_threads(threads)
+    lm = load(model, **placement(device, dtype))
+    cfg = build_config(MENDTrainConfig, lm.model_type, config, sets)
     skipped = len(records.problems)
     console.print(
         f"{len(records.requests)} edit records from {data} ({records.layout})"

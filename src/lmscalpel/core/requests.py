@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lmscalpel.core.config import short_repr
+from lmscalpel.core.files import read_user_text
+
 PORTABILITY_KINDS = ("multi-hop", "reverse", "alias", "reasoning", "other")
 PROBE_ROLES = ("edit", "paraphrase", "locality", "portability")
 
@@ -27,9 +30,21 @@ class EditRequestError(ValueError):
     """A malformed edit request; the message says which field and why."""
 
 
-def _text(value: Any, what: str, *, allow_empty: bool = False) -> str:
+def check_text(value: Any, what: str, *, allow_empty: bool = False) -> str:
+    """``value`` if it is a (non-empty) string that encodes as UTF-8, else an
+    :class:`EditRequestError` naming ``what``: the check every text a user gives passes before
+    it reaches a tokenizer (a lone surrogate would be the tokenizer's ``TypeError``)."""
     if not isinstance(value, str):
-        raise EditRequestError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
+        raise EditRequestError(
+            f"{what} must be a string, got {type(value).__name__}: {short_repr(value)}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise EditRequestError(
+            f"{what} is not valid text: {error.reason} at position {error.start} "
+            f"({short_repr(value)})"
+        ) from None
     if not allow_empty and not value.strip():
         raise EditRequestError(f"{what} is empty")
     return value
@@ -39,8 +54,20 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise EditRequestError(f"{what} must be a list of strings, got {type(value).__name__}")
-    return tuple(_text(v, f"{what}[{i}]") for i, v in enumerate(value))
+        raise EditRequestError(
+            f"{what} must be a list of strings, got {type(value).__name__}: {short_repr(value)}"
+        )
+    return tuple(check_text(v, f"{what}[{i}]") for i, v in enumerate(value))
+
+
+def _json_value(value: Any, what: str) -> None:
+    """Raise unless ``value`` can be written to a requests file (JSON, UTF-8)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as error:
+        raise EditRequestError(
+            f"{what} must be JSON data (text, numbers, lists, objects): {error}"
+        ) from None
 
 
 def fill_subject(prompt: str, subject: str, what: str = "prompt") -> str:
@@ -50,8 +77,9 @@ def fill_subject(prompt: str, subject: str, what: str = "prompt") -> str:
         prompt = prompt.replace("{}", subject, 1)
     if subject not in prompt:
         raise EditRequestError(
-            f"subject {subject!r} not found in the {what} {prompt!r}: the {what} must contain "
-            "the subject verbatim (same case and spacing) or a {} placeholder for it"
+            f"subject {short_repr(subject)} not found in the {what} {short_repr(prompt, 160)}: "
+            f"the {what} must contain the subject verbatim (same case and spacing) or a "
+            "{} placeholder for it"
         )
     return prompt
 
@@ -65,9 +93,9 @@ class LocalityProbe:
     kind: str = "neighborhood"
 
     def __post_init__(self) -> None:
-        _text(self.prompt, "locality prompt")
-        _text(self.answer, f"answer of locality prompt {self.prompt!r}")
-        _text(self.kind, "locality kind")
+        check_text(self.prompt, "locality prompt")
+        check_text(self.answer, "locality answer")
+        check_text(self.kind, "locality kind")
 
 
 @dataclass(frozen=True)
@@ -80,12 +108,15 @@ class PortabilityProbe:
     answer_before: str | None = None  # the answer the unedited model should give, when known
 
     def __post_init__(self) -> None:
-        _text(self.prompt, "portability prompt")
-        _text(self.answer, f"answer of portability prompt {self.prompt!r}")
-        if self.kind not in PORTABILITY_KINDS:
+        check_text(self.prompt, "portability prompt")
+        check_text(self.answer, "portability answer")
+        if not isinstance(self.kind, str) or self.kind not in PORTABILITY_KINDS:
             raise EditRequestError(
-                f"portability kind {self.kind!r} unknown; use one of {', '.join(PORTABILITY_KINDS)}"
+                f"portability kind {short_repr(self.kind)} unknown; use one of "
+                f"{', '.join(PORTABILITY_KINDS)}"
             )
+        if self.answer_before is not None:
+            check_text(self.answer_before, "portability answer_before")
 
 
 @dataclass(frozen=True)
@@ -129,14 +160,25 @@ class EditRequest:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        subject = _text(self.subject, "subject")
+        for name in ("locality", "portability"):
+            # a single probe is a list of one; anything else that is not a list is an error
+            value = getattr(self, name)
+            if isinstance(value, (dict, LocalityProbe, PortabilityProbe)):
+                value = (value,)
+            if not isinstance(value, (list, tuple)):
+                raise EditRequestError(
+                    f"{name} must be a list of probes (objects with prompt and answer), got "
+                    f"{type(value).__name__}: {short_repr(value)}"
+                )
+            object.__setattr__(self, name, value)
+        subject = check_text(self.subject, "subject")
         if subject != subject.strip():
             raise EditRequestError(f"subject {subject!r} has leading or trailing white space")
-        prompt = fill_subject(_text(self.prompt, "prompt"), subject)
+        prompt = fill_subject(check_text(self.prompt, "prompt"), subject)
         object.__setattr__(self, "prompt", prompt)
-        new = _text(self.target_new, "target_new")
+        new = check_text(self.target_new, "target_new")
         if self.target_true is not None:
-            true = _text(self.target_true, "target_true")
+            true = check_text(self.target_true, "target_true")
             if new.strip() == true.strip():
                 raise EditRequestError(
                     f"target_new equals target_true ({new.strip()!r}): nothing to edit"
@@ -145,18 +187,25 @@ class EditRequest:
             p.replace("{}", subject, 1) for p in _strings(self.paraphrases, "paraphrases")
         )
         object.__setattr__(self, "paraphrases", paraphrases)
-        object.__setattr__(
-            self, "locality", tuple(_probe(LocalityProbe, p, "locality") for p in self.locality)
-        )
-        object.__setattr__(
-            self,
-            "portability",
-            tuple(_probe(PortabilityProbe, p, "portability") for p in self.portability),
-        )
-        if self.case_id is not None and not isinstance(self.case_id, (int, str)):
-            raise EditRequestError(f"case_id must be an int or a string, got {self.case_id!r}")
+        for name, kind in (("locality", LocalityProbe), ("portability", PortabilityProbe)):
+            probes = tuple(
+                _probe(kind, p, f"{name}[{i}]") for i, p in enumerate(getattr(self, name))
+            )
+            object.__setattr__(self, name, probes)
+        case_id = self.case_id
+        if case_id is not None and (
+            isinstance(case_id, bool) or not isinstance(case_id, (int, str))
+        ):
+            raise EditRequestError(f"case_id must be an int or a string, got {short_repr(case_id)}")
+        if isinstance(case_id, int) and not -(2**63) <= case_id < 2**63:
+            raise EditRequestError(f"case_id must fit in 64 bits, got {short_repr(case_id)}")
+        if isinstance(case_id, str):
+            check_text(case_id, "case_id", allow_empty=True)
         if not isinstance(self.extra, dict):
-            raise EditRequestError("extra must be a dict")
+            raise EditRequestError(
+                f"extra must be a dict, got {type(self.extra).__name__}: {short_repr(self.extra)}"
+            )
+        _json_value(self.extra, "extra")
 
     @property
     def template(self) -> str:
@@ -178,13 +227,16 @@ class EditRequest:
         )
 
     def check_fits(self, tokenizer, max_context: int) -> None:
-        """Raise if any prompt of this request (with its target) exceeds the model's context."""
-        for text in (self.prompt, *self.paraphrases, *(p.prompt for p in self.locality)):
-            n = len(tokenizer(f"{text} {self.target_new}")["input_ids"])
+        """Raise if any probe's prompt (with its longest target) exceeds the model's context;
+        only the tokenizer runs, never the model."""
+        for probe in self.probes():
+            targets = [t for t in (probe.wanted, probe.other, self.target_new) if t is not None]
+            target = max(targets, key=len)
+            n = len(tokenizer(f"{probe.prompt} {target}")["input_ids"])
             if n > max_context:
                 raise EditRequestError(
-                    f"prompt {text[:60]!r}... is {n} tokens with its target, longer than the "
-                    f"model's context of {max_context} tokens"
+                    f"{probe.role} prompt {probe.prompt[:60]!r}... is {n} tokens with its "
+                    f"target, longer than the model's context of {max_context} tokens"
                 )
 
     # ---- serialisation ----------------------------------------------------------------------
@@ -198,9 +250,12 @@ class EditRequest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditRequest:
         if not isinstance(data, dict):
-            raise EditRequestError(f"an edit request must be a JSON object, got {data!r}")
+            raise EditRequestError(
+                f"an edit request must be a JSON object, got {type(data).__name__}: "
+                f"{short_repr(data)}"
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)
         if unknown:
             raise EditRequestError(
                 f"unknown field(s) {unknown} in edit request; known: {sorted(known)}"
@@ -212,14 +267,25 @@ class EditRequest:
 
 
 def _probe(kind: type, value: Any, what: str):
+    """A probe of class ``kind`` from itself or a dict; errors name ``what`` (``locality[2]``)."""
     if isinstance(value, kind):
         return value
-    if isinstance(value, dict):
-        try:
-            return kind(**value)
-        except TypeError as error:
-            raise EditRequestError(f"bad {what} probe {value!r}: {error}") from None
-    raise EditRequestError(f"{what} probe must be an object with prompt and answer, got {value!r}")
+    if not isinstance(value, dict):
+        raise EditRequestError(
+            f"{what} must be a probe (an object with prompt and answer), got "
+            f"{type(value).__name__}: {short_repr(value)}"
+        )
+    names = [f.name for f in fields(kind)]
+    unknown = sorted(set(value) - set(names), key=repr)
+    if unknown:
+        raise EditRequestError(f"{what}: unknown field(s) {unknown}; known: {names}")
+    missing = [k for k in ("prompt", "answer") if k not in value]
+    if missing:
+        raise EditRequestError(f"{what} lacks required field(s) {missing}")
+    try:
+        return kind(**value)
+    except EditRequestError as error:
+        raise EditRequestError(f"{what}: {error}") from None
 
 
 def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:
@@ -238,19 +304,14 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     A malformed record raises an :class:`EditRequestError` naming its index (line, for JSONL).
     """
     path = Path(path)
-    text = path.read_text()
+    text = read_user_text(path, "requests file", EditRequestError)
     if path.suffix == ".jsonl":
         items = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    items.append((f"line {line_no}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise EditRequestError(
-                        f"{path}: line {line_no}: invalid JSON: {error}"
-                    ) from None
+                items.append((f"line {line_no}", _parse_json(line, f"{path}: line {line_no}")))
     else:
-        data = json.loads(text)
+        data = _parse_json(text, str(path))
         data = data if isinstance(data, list) else [data]
         items = [(f"record {i}", d) for i, d in enumerate(data)]
     requests = []
@@ -262,10 +323,25 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     return requests
 
 
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EditRequestError(f"{where}: invalid JSON: {error}") from None
+    except RecursionError:
+        raise EditRequestError(f"{where}: invalid JSON: nested too deeply") from None
+
+
 def as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
     """Accept one request or several; reject anything else with a clear message."""
     if isinstance(requests, EditRequest):
         return [requests]
+    if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Iterable):
+        hint = " (EditRequest.from_dict reads a dict)" if isinstance(requests, dict) else ""
+        raise EditRequestError(
+            f"requests must be an EditRequest or a list of them, got "
+            f"{type(requests).__name__}{hint}"
+        )
     items = list(requests)
     if not items:
         raise EditRequestError("no edit requests given")

@@ -62,7 +62,8 @@ def prompt(value: Any, what: str) -> str:
     if isinstance(value, dict):
         value = value.get("prompt")
     if not isinstance(value, str) or not value.strip():
-        raise Malformed(f"{what} must be a non-empty string, got {value!r}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise Malformed(f"{what} must be a non-empty string, got {shown}")
     return value
 
 

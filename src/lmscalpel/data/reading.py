@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmscalpel.core.files import read_user_text
 from lmscalpel.core.requests import EditRequest, EditRequestError
 from lmscalpel.data.cases import EvalCase, cases_from_requests, select_cases
 from lmscalpel.data.counterfact import parse_counterfact, parse_rome
@@ -56,6 +57,13 @@ class Dataset:
     def select(
         self, n: int | None = None, *, start: int = 0, seed: int | None = None
     ) -> list[EvalCase]:
+        """``n`` cases from ``start`` (after a shuffle seeded by ``seed``, if given); a negative
+        ``n`` or ``start`` is a :class:`DatasetError`."""
+        for name, value in (("n", n), ("start", start)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise DatasetError(f"{name} must be a whole number >= 0, got {value!r}")
         return select_cases(self.cases, n, start=start, seed=seed)
 
 
@@ -84,9 +92,24 @@ def detect_layout(record: Any) -> str:
     )
 
 
+#: What a record parser may raise on a record of the wrong shape (reported, never raised).
+RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
+
+
+def _reason(error: BaseException) -> str:
+    """A problem's reason: the message of lmscalpel's own errors, the type and message else."""
+    if isinstance(error, (EditRequestError, Malformed)):
+        return str(error)
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return f"{type(error).__name__}: {error}"
+
+
 def read_records(path: Path) -> list[tuple[str, Any]]:
-    """(where, record) pairs; a JSONL line that is not valid JSON becomes a :class:`Malformed`."""
-    text = path.read_text(encoding="utf-8")
+    """(where, record) pairs; a JSONL line that is not valid JSON becomes a :class:`Malformed`.
+    A missing file is a :class:`FileNotFoundError`; a folder, an unreadable name, bytes that are
+    not UTF-8 or (JSON) text that is not valid JSON, a :class:`DatasetError`."""
+    text = read_user_text(path, "data file", DatasetError)
     if path.suffix == ".jsonl":
         items = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -96,11 +119,15 @@ def read_records(path: Path) -> list[tuple[str, Any]]:
                 items.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as error:
                 items.append((f"line {line_no}", Malformed(f"invalid JSON: {error}")))
+            except RecursionError:
+                items.append((f"line {line_no}", Malformed("invalid JSON: nested too deeply")))
         return items
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise DatasetError(f"{path} is not valid JSON: nested too deeply") from None
     if isinstance(data, dict):
         for key in ("data", "records", "cases"):
             if isinstance(data.get(key), list):
@@ -124,8 +151,8 @@ def parse_requests(items: list[tuple[str, Any]]) -> tuple[list[EvalCase], list[R
             if request.case_id is None:
                 request = replace(request, case_id=i)
             requests.append(request)
-        except (EditRequestError, Malformed, TypeError) as error:
-            problems.append(RecordProblem(i, str(error), where))
+        except RECORD_ERRORS as error:
+            problems.append(RecordProblem(i, _reason(error), where))
     return cases_from_requests(requests), problems
 
 
@@ -141,9 +168,46 @@ def parse_records(
             if not isinstance(record, dict):
                 raise Malformed(f"not a JSON object but {type(record).__name__}")
             cases.append(parser(record, i))
-        except (EditRequestError, Malformed, TypeError) as error:
-            problems.append(RecordProblem(i, str(error), where))
+        except RECORD_ERRORS as error:
+            problems.append(RecordProblem(i, _reason(error), where))
     return cases, problems
+
+
+KNOWN_TEXT_FIELDS = ("subject", "attribute", "prompt")
+
+
+def _known_problem(record: Any) -> str | None:
+    """Why a known-facts record cannot be used, for the shape checks
+    :func:`~lmscalpel.data.knowns.parse_knowns` leaves out (field types)."""
+    if isinstance(record, Malformed):
+        return str(record)
+    if not isinstance(record, dict):
+        return None  # parse_knowns reports it
+    for key in KNOWN_TEXT_FIELDS:
+        if key in record and not isinstance(record[key], str):
+            return f"{key} must be a string, got {type(record[key]).__name__}"
+    relation = record.get("relation_id")
+    if isinstance(relation, bool) or not isinstance(relation, (str, int, type(None))):
+        return f"relation_id must be a string or an int, got {type(relation).__name__}"
+    return None
+
+
+def parse_known_items(
+    items: list[tuple[str, Any]],
+) -> tuple[list[EvalCase], list[RecordProblem]]:
+    """Known facts (read as a whole), with records of the wrong shape reported, not raised."""
+    records: list[Any] = []
+    early: dict[int, RecordProblem] = {}
+    for i, (where, record) in enumerate(items):
+        reason = _known_problem(record)
+        if reason is None:
+            records.append(record if isinstance(record, dict) else None)
+        else:
+            early[i] = RecordProblem(i, reason, where)
+            records.append(None)
+    cases, problems = parse_knowns(records)
+    problems = [p for p in problems if p.index not in early] + list(early.values())
+    return cases, sorted(problems, key=lambda p: p.index)
 
 
 def read_dataset(path: str | Path, layout: str = "auto") -> Dataset:
@@ -153,8 +217,6 @@ def read_dataset(path: str | Path, layout: str = "auto") -> Dataset:
     one bad record does not lose a benchmark.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file at {path}")
     items = read_records(path)
     if layout != "auto" and layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)} or auto")
@@ -164,7 +226,7 @@ def read_dataset(path: str | Path, layout: str = "auto") -> Dataset:
             raise DatasetError(f"{path} holds no records")
         layout = detect_layout(first)
     if layout == "knowns":
-        cases, problems = parse_knowns([r if isinstance(r, dict) else None for _, r in items])
+        cases, problems = parse_known_items(items)
     elif layout == "requests":
         cases, problems = parse_requests(items)
     else:

@@ -9,16 +9,39 @@ also on error); the caller decides whether to apply the patch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lmscalpel.core.config import ConfigError, MethodConfig, option
+from lmscalpel.core.config import ConfigError, MethodConfig, short_repr
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.models.rewriters import PromptRewriter, register_rewriter
 from lmscalpel.patch import Patch, PatchError
+
+
+class UnknownMethodError(ConfigError):
+    """An editing method name that is not registered; the message suggests close matches
+    (``suggestions``, from :func:`difflib.get_close_matches`)."""
+
+    def __init__(self, name: Any, known: Sequence[str]) -> None:
+        self.name, self.known = name, list(known)
+        self.suggestions = (
+            difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+            if isinstance(name, str)
+            else []
+        )
+        hint = " or ".join(repr(s) for s in self.suggestions)
+        hint = f"did you mean {hint}? " if hint else ""
+        super().__init__(
+            f"unknown editing method {short_repr(name, 60)}; {hint}"
+            f"available: {', '.join(self.known)}"
+        )
+
+    def __reduce__(self):  # pickles (e.g. to another process) with its arguments
+        return (type(self), (self.name, self.known))
 
 
 class Editor(ABC):
@@ -91,12 +114,10 @@ def available_methods() -> list[str]:
 
 
 def editor_class(name: str) -> type[Editor]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown editing method {name!r}; available: {', '.join(available_methods())}"
-        ) from None
+    """The editor class registered as ``name``; :class:`UnknownMethodError` otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise UnknownMethodError(name, available_methods())
+    return _REGISTRY[name]
 
 
 def get_editor(
@@ -122,8 +143,9 @@ def resolve_layers(
 
 
 def new_default(config_class: type[MethodConfig], name: str, default: Any) -> Any:
-    """Field ``name`` of ``config_class`` with another default and the same help line, for a
-    subclass that changes only a default (the field is declared once, its help written once)::
+    """Field ``name`` of ``config_class`` with another default and the same help line and
+    bounds, for a subclass that changes only a default (the field is declared once, its help and
+    allowed values written once)::
 
         @dataclass
         class FTLConfig(FTConfig):
@@ -132,4 +154,4 @@ def new_default(config_class: type[MethodConfig], name: str, default: Any) -> An
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     if name not in fields:
         raise TypeError(f"{config_class.__name__} has no field {name!r}")
-    return option(default, fields[name].metadata.get("help", ""))
+    return dataclasses.field(default=default, metadata=fields[name].metadata)

@@ -25,25 +25,43 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmscalpel.core.config import ConfigError, MethodConfig, read_yaml
-from lmscalpel.methods.base import available_methods, editor_class
+from lmscalpel.core.config import ConfigError, MethodConfig, read_yaml, short_repr, yaml_reason
+from lmscalpel.methods.base import UnknownMethodError, available_methods, editor_class
 
 C = TypeVar("C", bound=MethodConfig)
 
 
 def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
     """``["lr=0.02", "layers=[4]"]`` -> ``{"lr": 0.02, "layers": [4]}``: each value is read as
-    YAML (numbers, booleans, lists; anything else stays a string). A later item wins."""
+    YAML (numbers, booleans, lists, ``.nan``); anything else, including text YAML cannot read or
+    would read as a mapping (``kl_prompt={} is a``), stays the string given, but a broken list
+    (``layers=[4``) is a :class:`~lmscalpel.core.config.ConfigError`. A later item wins. The
+    config then checks each value (a ``ConfigError`` naming the field)."""
     overrides: dict[str, Any] = {}
     for item in items or []:
+        if not isinstance(item, str):
+            raise ConfigError(f"an override takes 'key=value' text, got {item!r}")
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"an override takes key=value, got {item!r}")
-        try:
-            overrides[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: invalid value ({error})") from None
+        overrides[key.strip()] = _override_value(item, raw)
     return overrides
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The value of one ``key=value`` override (see :func:`parse_overrides`)."""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError, ValueError) as error:
+        if raw.lstrip().startswith("["):
+            reason = (
+                yaml_reason(error) if isinstance(error, yaml.YAMLError) else "nested too deeply"
+            )
+            raise ConfigError(f"--set {item!r}: invalid list ({reason})") from None
+        return raw.strip()  # not YAML: the text itself
+    if isinstance(value, dict):  # no config field is a mapping: text with braces was meant
+        return raw.strip()
+    return value
 
 
 def build_config(
@@ -66,10 +84,13 @@ def check_methods(methods: Sequence[str]) -> None:
     """A :class:`~lmscalpel.core.config.ConfigError` naming the available methods when
     ``methods`` is empty or holds an unknown one."""
     known = available_methods()
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise ConfigError(f"methods must be a list of method names, got {methods!r}")
     unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        what = f"unknown editing method(s) {unknown}" if unknown else "no editing method given"
-        raise ConfigError(f"{what}; available: {', '.join(known)}")
+    if unknown:
+        raise UnknownMethodError(unknown[0], known)
+    if not methods:
+        raise ConfigError(f"no editing method given; available: {', '.join(known)}")
 
 
 def takes_editor(method: str) -> bool:
@@ -83,7 +104,7 @@ def yaml_sections(path: str | Path, methods: Sequence[str]) -> dict[str, Any]:
     data = read_yaml(path)
     if len(methods) > 1 or (isinstance(data, dict) and methods[0] in data):
         if not isinstance(data, dict) or not set(data) <= set(methods):
-            found = sorted(data) if isinstance(data, dict) else data
+            found = short_repr(sorted(data, key=repr) if isinstance(data, dict) else data)
             raise ConfigError(
                 f"{path}: for several methods, give one section per method "
                 f"({', '.join(methods)}); found {found}"
@@ -101,6 +122,8 @@ def route_overrides(
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
     specific = []
     for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"a hyperparameter name must be text, got {key!r}")
         prefix, dot, field = key.partition(".")
         if dot and prefix in per_method:
             specific.append((prefix, field, value))

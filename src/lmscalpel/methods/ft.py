@@ -42,10 +42,14 @@ class TunedWeights(MethodConfig):
     """Which MLP weight matrices a fine-tuning method trains (FT's and LoRA's)."""
 
     layers: list[int] | None = option(
-        None, "layers to tune (negative counts from the top); unset: default_depths"
+        None, "layers to tune (negative counts from the top); unset: default_depths", nonempty=True
     )
     default_depths: list[float] = option(
-        (0.5,), "the layers as fractions of the depth, when layers is unset"
+        (0.5,),
+        "the layers as fractions of the depth, when layers is unset",
+        at_least=0,
+        at_most=1,
+        nonempty=True,
     )
     matrices: Literal["mlp_out", "mlp"] = option(
         "mlp", "'mlp_out': each layer's MLP output matrix; 'mlp': every MLP matrix"
@@ -69,10 +73,10 @@ class FitOptions(MethodConfig):
     objective: Objective = option(
         "sequence", "the loss: 'sequence' (prompt and target), 'target' or 'prompt_last'"
     )
-    lr: float = option(5e-4, "Adam's learning rate")
-    steps: int = option(25, "at most this many optimisation steps")
-    stop_loss: float = option(0.01, "stop once the loss is below this")
-    weight_decay: float = option(0.0, "Adam's weight decay")
+    lr: float = option(5e-4, "Adam's learning rate", above=0, at_most=10)
+    steps: int = option(25, "at most this many optimisation steps", at_least=1, at_most=100_000)
+    stop_loss: float = option(0.01, "stop once the loss is below this", at_least=0)
+    weight_decay: float = option(0.0, "Adam's weight decay", at_least=0, at_most=10)
 
 
 @dataclass
@@ -88,7 +92,9 @@ class FTConfig(FitOptions, TunedWeights):
     """
 
     norm_constraint: float | None = option(
-        None, "L-infinity bound on each weight's change, in its matrix's element std (unset: none)"
+        None,
+        "L-infinity bound on each weight's change, in its matrix's element std (unset: none)",
+        above=0,
     )
 
 

@@ -41,18 +41,13 @@ class LoRAConfig(FitOptions, TunedWeights):
     """
 
     default_depths: list[float] = new_default(TunedWeights, "default_depths", (0.3, 0.4, 0.5))
-    rank: int = option(8, "the adapters' rank r")
-    alpha: float = option(16.0, "the update is scaled by alpha / r")
+    rank: int = option(8, "the adapters' rank r", at_least=1, at_most=65_536)
+    alpha: float = option(16.0, "the update is scaled by alpha / r", above=0, at_most=1e6)
     objective: Objective = new_default(FitOptions, "objective", "target")
     lr: float = new_default(FitOptions, "lr", 2e-3)
     steps: int = new_default(FitOptions, "steps", 30)
     stop_loss: float = new_default(FitOptions, "stop_loss", 0.05)
-    seed: int = option(0, "seed of the random initialisation of A")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rank < 1:
-            raise ConfigError(f"LoRAConfig.rank must be at least 1, got {self.rank}")
+    seed: int = option(0, "seed of the random initialisation of A", at_least=0, below=2**63)
 
 
 def _remove_adapters(tuner: LoraModel, model: torch.nn.Module) -> None:

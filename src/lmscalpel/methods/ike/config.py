@@ -26,21 +26,24 @@ class InContextConfig(MethodConfig):
     with ``chat_turns``, demonstrations become earlier user/assistant turns."""
 
     instruction: str = option("", "an optional first line of every context (chat: system message)")
-    retrieve: int = option(1, "applied facts shown per prompt (the most similar to it)")
-    answer_tokens: int = option(16, "context kept free for the answer; a prompt leaving less fails")
+    retrieve: int = option(
+        1, "applied facts shown per prompt (the most similar to it)", at_least=1, at_most=10_000
+    )
+    answer_tokens: int = option(
+        16,
+        "context kept free for the answer; a prompt leaving less fails",
+        at_least=1,
+        at_most=10**7,
+    )
     encoder: str = option(
-        DEFAULT_ENCODER, "sentence-transformers encoder for retrieval (bundled name or a folder)"
+        DEFAULT_ENCODER,
+        "sentence-transformers encoder for retrieval (bundled name or a folder)",
+        nonempty=True,
+        path=True,
     )
     chat_turns: bool = option(
         True, "chat template: demonstrations as earlier turns (False: all in one user message)"
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.retrieve < 1:
-            raise ConfigError(f"{type(self).__name__}.retrieve must be at least 1")
-        if self.answer_tokens < 1:
-            raise ConfigError(f"{type(self).__name__}.answer_tokens must be at least 1")
 
     def render_state(self) -> dict[str, Any]:
         """The rendering settings alone (an :class:`IKEConfig` without its demonstration fields),
@@ -63,28 +66,45 @@ class IKEConfig(InContextConfig):
     ``../shared/data`` beside the project).
     """
 
-    k: int | None = option(None, "demonstrations per fact; unset: max_k, or as many as fit")
-    max_k: int = option(PAPER_K, "the most demonstrations an unset k takes (the paper's 32)")
-    copy_share: float = option(1.0, "share of copy demonstrations (the pool fact's own prompt)")
-    update_share: float = option(1.0, "share of update demonstrations (a paraphrase of it)")
-    retain_share: float = option(4.0, "share of retain demonstrations (an unrelated prompt)")
-    pool: str | None = option(
-        None, "the demonstration pool: any dataset file; unset: CounterFact's train split"
+    k: int | None = option(
+        None,
+        "demonstrations per fact; unset: max_k, or as many as fit",
+        at_least=0,
+        at_most=100_000,
     )
-    pool_size: int | None = option(None, "use only the pool's first records (unset: all)")
+    max_k: int = option(
+        PAPER_K,
+        "the most demonstrations an unset k takes (the paper's 32)",
+        at_least=0,
+        at_most=100_000,
+    )
+    copy_share: float = option(
+        1.0, "share of copy demonstrations (the pool fact's own prompt)", at_least=0, at_most=1e6
+    )
+    update_share: float = option(
+        1.0, "share of update demonstrations (a paraphrase of it)", at_least=0, at_most=1e6
+    )
+    retain_share: float = option(
+        4.0, "share of retain demonstrations (an unrelated prompt)", at_least=0, at_most=1e6
+    )
+    pool: str | None = option(
+        None,
+        "the demonstration pool: any dataset file; unset: CounterFact's train split",
+        nonempty=True,
+        path=True,
+    )
+    pool_size: int | None = option(
+        None, "use only the pool's first records (unset: all)", at_least=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        name = type(self).__name__
-        if self.k is not None and self.k < 0:
-            raise ConfigError(f"{name}.k must be at least 0 (or None for as many as fit)")
-        if self.max_k < 0:
-            raise ConfigError(f"{name}.max_k must be at least 0")
         shares = self.shares
-        if min(shares) < 0 or sum(shares) <= 0:
-            raise ConfigError(f"{name}: the kind shares must be >= 0 and not all 0, got {shares}")
-        if self.pool_size is not None and self.pool_size < 1:
-            raise ConfigError(f"{name}.pool_size must be at least 1")
+        if sum(shares) <= 0:
+            raise ConfigError(
+                f"{type(self).__name__}: copy_share, update_share and retain_share must not "
+                f"all be 0, got {shares}"
+            )
 
     @property
     def shares(self) -> tuple[float, float, float]:

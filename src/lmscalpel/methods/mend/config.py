@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmscalpel.core.config import ConfigError, MethodConfig, option
+from lmscalpel.core.config import MethodConfig, option
 from lmscalpel.mechanics.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES
 
 
@@ -30,51 +30,74 @@ class MENDTrainConfig(MethodConfig):
     """
 
     layers: list[int] = option(
-        help="edited layers (negative counts from the top)", factory=lambda: [-3, -2, -1]
+        help="edited layers (negative counts from the top)",
+        factory=lambda: [-3, -2, -1],
+        nonempty=True,
     )
     matrices: Literal["mlp", "mlp_out"] = option(
         "mlp", "edited matrices per layer: every MLP matrix, or only the MLP output one"
     )
-    rank: int = option(256, "width of each gradient transform's low-rank hidden layer")
-    steps: int = option(2000, "at most this many meta-training steps")
-    batch_size: int = option(8, "edits per meta-training step (and per validation batch)")
-    lr: float = option(1e-4, "Adam's learning rate for the gradient transforms")
-    step_lr: float = option(1e-2, "Adam's learning rate for the per-matrix log step sizes")
+    rank: int = option(
+        256, "width of each gradient transform's low-rank hidden layer", at_least=1, at_most=65_536
+    )
+    steps: int = option(2000, "at most this many meta-training steps", at_least=0, at_most=10**7)
+    batch_size: int = option(
+        8, "edits per meta-training step (and per validation batch)", at_least=1, at_most=100_000
+    )
+    lr: float = option(
+        1e-4, "Adam's learning rate for the gradient transforms", above=0, at_most=10
+    )
+    step_lr: float = option(
+        1e-2, "Adam's learning rate for the per-matrix log step sizes", at_least=0, at_most=10
+    )
     edit_weight: float = option(
-        0.1, "weight of the edit and paraphrase NLL in the meta-loss (the paper's c_edit)"
+        0.1,
+        "weight of the edit and paraphrase NLL in the meta-loss (the paper's c_edit)",
+        at_least=0,
+        at_most=1e6,
     )
     loc_weight: float = option(
-        1.0, "weight of the locality KL(original ‖ edited) in the meta-loss (the paper's c_loc)"
+        1.0,
+        "weight of the locality KL(original ‖ edited) in the meta-loss (the paper's c_loc)",
+        at_least=0,
+        at_most=1e6,
     )
-    grad_clip: float = option(1.0, "the editor's gradient norm is clipped to this per step")
-    val_size: int = option(96, "records held out for validation")
-    val_every: int = option(50, "validate every this many steps")
-    patience: int = option(6, "stop after this many validations without a better score")
-    max_minutes: float | None = option(25.0, "stop after this much wall time (None: no limit)")
+    grad_clip: float = option(
+        1.0, "the editor's gradient norm is clipped to this per step", above=0, finite=False
+    )
+    val_size: int = option(96, "records held out for validation", at_least=1)
+    val_every: int = option(50, "validate every this many steps", at_least=1)
+    patience: int = option(6, "stop after this many validations without a better score", at_least=1)
+    max_minutes: float | None = option(
+        25.0, "stop after this much wall time (None: no limit)", at_least=0
+    )
     calibration_edits: int = option(
-        64, "training edits that set the (u, δ) statistics and the initial step size"
+        64,
+        "training edits that set the (u, δ) statistics and the initial step size",
+        at_least=1,
     )
-    max_train: int | None = option(2000, "at most this many training records (None: all)")
+    max_train: int | None = option(
+        2000, "at most this many training records (None: all)", at_least=1
+    )
     step_scales: tuple[float, ...] = option(
         (0.25, 0.4, 0.55, 0.7, 0.85, 1.0),
         "multiples of the learned step sizes scanned on validation after training",
+        above=0,
+        at_most=1e3,
+        nonempty=True,
     )
     precondition: bool = option(
         True, "step along C⁻¹u, C the second moment of each matrix's inputs over text"
     )
-    ridge: float = option(1e-3, "ridge added to C before inverting it (precondition)")
-    stats_corpus: str = option(DEFAULT_CORPUS, "text corpus C is measured on (precondition)")
-    stats_samples: int = option(DEFAULT_SAMPLES, "tokens in C's estimate (precondition)")
-    seed: int = option(0, "seed of the editor's initialisation and the record shuffles")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.layers:
-            raise ConfigError("MENDTrainConfig.layers is empty: name at least one layer to edit")
-        for key in ("rank", "batch_size", "val_every", "patience", "calibration_edits"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"MENDTrainConfig.{key} must be at least 1")
-        if any(scale <= 0 for scale in self.step_scales):
-            raise ConfigError("MENDTrainConfig.step_scales must be positive")
-        if self.steps < 0 or self.val_size < 1:
-            raise ConfigError("MENDTrainConfig: steps must be >= 0 and val_size >= 1")
+    ridge: float = option(
+        1e-3, "ridge added to C before inverting it (precondition)", above=0, at_most=1e6
+    )
+    stats_corpus: str = option(
+        DEFAULT_CORPUS, "text corpus C is measured on (precondition)", nonempty=True, path=True
+    )
+    stats_samples: int = option(
+        DEFAULT_SAMPLES, "tokens in C's estimate (precondition)", at_least=1, at_most=10**10
+    )
+    seed: int = option(
+        0, "seed of the editor's initialisation and the record shuffles", at_least=0, below=2**63
+    )

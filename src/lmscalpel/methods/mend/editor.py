@@ -42,9 +42,14 @@ class MENDConfig(MethodConfig):
     untrained baseline "a gradient step of the same size".
     """
 
-    editor: str | None = option(None, "folder of an editor trained for this model")
+    editor: str | None = option(
+        None, "folder of an editor trained for this model", nonempty=True, path=True
+    )
     step_scale: float | None = option(
-        None, "multiple of the learned step sizes (None: the one chosen when training)"
+        None,
+        "multiple of the learned step sizes (None: the one chosen when training)",
+        above=0,
+        at_most=1e3,
     )
     direction: Literal["learned", "gradient"] = option(
         "learned", "the editor's ΔW, or the plain gradient step rescaled to its norm"
