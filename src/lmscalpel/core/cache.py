@@ -4,8 +4,10 @@ written atomically under ``lmscalpel_home()/<namespace>/``, and remembered in th
 
 A key is a tuple of path components (``(fingerprint, "model.layers.4.mlp.down_proj.weight...")``);
 the value's codec decides the file's suffix and format (JSON, or safetensors: tensors are never
-pickled). An unreadable entry (a foreign or truncated file, or one its user's ``check`` rejects) is
-logged and recomputed, never trusted. Each cache counts what it really did — ``computed``,
+pickled). Entries are written beside their place, flushed and renamed into it, so a writer
+killed at any moment leaves the old entry or the new one; its temporary file is removed by the
+next reader or writer of the entry. An unreadable entry (a foreign or truncated file, or one its
+user's ``check`` rejects) is logged and recomputed, never trusted. Each cache counts what it really did — ``computed``,
 ``loaded`` from disk, ``remembered`` (answered from memory) — so a test can tell a cache hit from
 a recomputation that happened to write the same file.
 
@@ -31,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmscalpel.core.files import atomic_path, atomic_write_json
+from lmscalpel.core.files import atomic_path, atomic_write_json, recover_folder
 from lmscalpel.core.paths import lmscalpel_home
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ class DiskCache(Generic[T]):
         if path in self._memory:
             self.remembered += 1
             return self._memory[path]
+        recover_folder(path)  # a killed writer's temporary file beside it is removed
         if not path.is_file():
             return None
         try:

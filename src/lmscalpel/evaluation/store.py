@@ -11,11 +11,15 @@ Layout of ``out/``::
     summary.json  table.md  metrics.png  retention.png
 
 Records are appended one line at a time, flushed and fsynced; a line cut short by a crash is
-dropped (with a warning) when the file is read back, so a record is either whole or absent.
+dropped (with a warning) when the file is read back, so a record is either whole or absent. A
+damaged line elsewhere (bytes that are not a JSON record) costs that record only: the intact
+records after it are kept, and the file is rewritten without it (atomically).
 Whole files (summary, table, manifest) are written next to their place and renamed into it;
 folders (a method's results, a sequential state, the saved patches in it) are replaced or removed
 whole (:mod:`lmscalpel.core.files`), so a run killed while clearing them leaves them complete or
-gone, never a ``state.json`` naming deleted weights.
+gone, never a ``state.json`` naming deleted weights. Opening a run folder removes what killed
+writers left beside those files (their hidden temporary siblings), so a folder that holds only
+such leftovers is an empty folder, and a run started there proceeds.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmscalpel.core.files import atomic_write_json, discard_folder
+from lmscalpel.core.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    discard_folder,
+    recover_folder,
+)
+from lmscalpel.evaluation.options import EvaluationError
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +52,43 @@ class JsonLines:
         self.path = Path(path)
 
     def read(self) -> list[dict[str, Any]]:
-        """All whole records; a trailing partial line (a crash mid-write) is cut off the file."""
+        """All whole records. A trailing partial line (a crash mid-write) is cut off the file; a
+        damaged line before it (not a JSON object, not UTF-8) is skipped and the file rewritten
+        without it, so the intact records after it are kept."""
         if not self.path.is_file():
             return []
         raw = self.path.read_bytes()
-        records, good_end = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_end += len(line)
-        if good_end < len(raw):
+        records: list[dict[str, Any]] = []
+        kept: list[bytes] = []
+        damaged = 0
+        lines = raw.splitlines(keepends=True)
+        partial = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        for line in lines:
+            record = _record(line)
+            if record is None:
+                if line.strip():
+                    damaged += 1
+                continue
+            records.append(record)
+            kept.append(line)
+        if partial:
             log.warning(
                 "%s: dropping %d bytes of a record cut short (interrupted run)",
                 self.path,
-                len(raw) - good_end,
+                len(partial),
             )
+        if damaged:
+            log.warning(
+                "%s: skipping %d damaged line(s); the %d intact record(s) are kept",
+                self.path,
+                damaged,
+                len(records),
+            )
+            atomic_write_bytes(self.path, b"".join(kept))
+        elif partial:
             with open(self.path, "r+b") as handle:
-                handle.truncate(good_end)
+                handle.truncate(len(raw) - len(partial))
+                os.fsync(handle.fileno())
         return records
 
     def append(self, record: dict[str, Any]) -> None:
@@ -81,6 +107,15 @@ class JsonLines:
         return iter(self.read())
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The JSON object on ``line``, or None when the line holds none (damaged or blank)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def safe_name(label: str) -> str:
     """A folder name for a method label."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")
@@ -92,6 +127,16 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self.recover()
+
+    def recover(self) -> None:
+        """Finish what killed writers left in the folder, its method folders and their states:
+        interrupted replacements are completed, dead writers' temporary siblings removed
+        (:func:`~lmscalpel.core.files.recover_folder`); a live writer's are left alone."""
+        methods = _subfolders(self.root)
+        for folder in (self.root, *methods, *(f for m in methods for f in _subfolders(m))):
+            for name in _interrupted(folder):
+                recover_folder(folder / name)
 
     @property
     def manifest_path(self) -> Path:
@@ -100,7 +145,17 @@ class RunStore:
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise EvaluationError(
+                f"{self.manifest_path} is damaged ({error}); delete it or use another --out"
+            ) from None
+        if not isinstance(manifest, dict):
+            raise EvaluationError(
+                f"{self.manifest_path} holds no run description; delete it or use another --out"
+            )
+        return manifest
 
     def write_manifest(self, data: dict[str, Any]) -> None:
         atomic_write_json(self.manifest_path, data)
@@ -128,3 +183,22 @@ class RunStore:
     def clear_state(self, label: str) -> None:
         """Remove a method's saved sequential state, whole (it is only needed to resume)."""
         discard_folder(self.state_dir(label))
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|trash)-")
+
+
+def _interrupted(folder: Path) -> set[str]:
+    """Names in ``folder`` that have hidden siblings an atomic writer makes (``.<name>.tmp-*``)."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    return {m["name"] for m in map(_LEFTOVER.match, names) if m}
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

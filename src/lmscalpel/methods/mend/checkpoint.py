@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmscalpel.core.config import ConfigError
@@ -101,14 +102,35 @@ def read_editor_config(folder: str | os.PathLike) -> dict[str, Any]:
             "train one with `lmscalpel train-editor --method mend`)"
         )
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, or not UTF-8
         raise EditorCheckpointError(f"{path}: invalid JSON: {error}") from None
-    if meta.get("format") != FORMAT or meta.get("method") != "mend":
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("method") != "mend":
         raise EditorCheckpointError(f"{path} is not a MEND editor checkpoint")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EditorCheckpointError(f"{folder} has a newer editor format; upgrade lmscalpel")
+    _check_fields(path, meta)
     return meta
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse an ``editor.json`` whose fields a loader reads are missing or of the wrong kind."""
+    parameters = meta.get("parameters")
+    shapes_ok = isinstance(parameters, dict) and all(
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        for shape in parameters.values()
+    )
+    rank = meta.get("rank")
+    if not shapes_ok or not parameters:
+        raise EditorCheckpointError(f"{path}: 'parameters' must map weight names to [out, in]")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise EditorCheckpointError(f"{path}: 'rank' must be a positive integer, got {rank!r}")
+    for key in ("model_fingerprint", "model_name"):
+        if not isinstance(meta.get(key), str):
+            raise EditorCheckpointError(f"{path}: {key!r} must be a string")
 
 
 def load_editor(folder: str | os.PathLike, lm: LoadedModel | None = None) -> MENDNetwork:
@@ -135,7 +157,7 @@ def load_editor(folder: str | os.PathLike, lm: LoadedModel | None = None) -> MEN
     network = MENDNetwork(shapes, meta["rank"], precondition=bool(meta.get("precondition")))
     try:
         network.load_state_dict(load_file(str(Path(folder) / TENSOR_FILE)))
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, SafetensorError) as error:
         raise EditorCheckpointError(
             f"{folder}: tensors do not match editor.json: {error}"
         ) from None
