@@ -27,7 +27,7 @@ import torch
 
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.runtime.hooks import Seen, Tap, tap
-from lmscalpel.runtime.kv import BodyOutput, cache_fits, run_after, run_body, run_prefix
+from lmscalpel.runtime.kv import BodyOutput, Prefix, cache_fits, run_after, run_body, run_prefix
 from lmscalpel.runtime.layers import from_layer
 from lmscalpel.scoring import pad_token_id
 from lmscalpel.tokens import encode_prompt, encode_target, subject_token_positions
@@ -116,6 +116,29 @@ class AnchoredBatch:
             last_cols=torch.tensor(last_cols, dtype=torch.long, device=device),
         )
 
+    def select(self, rows: torch.Tensor) -> AnchoredBatch:
+        """The batch of rows ``rows`` (a 1-D index tensor; row ``rows[i]`` becomes row ``i``),
+        still anchored at column :attr:`anchor` (so with the original left padding), cut after
+        the last column any of them uses, its scored tokens in the order of the new rows."""
+        rows = rows.to(self.input_ids.device)
+        width = int(self.last_cols[rows].max()) + 1
+        new_index = torch.full((len(self.rows),), -1, dtype=torch.long, device=rows.device)
+        new_index[rows] = torch.arange(len(rows), device=rows.device)
+        kept = torch.nonzero(new_index[self.read_rows] >= 0).squeeze(1)
+        order = torch.argsort(new_index[self.read_rows[kept]], stable=True)
+        kept = kept[order]
+        return AnchoredBatch(
+            rows=[self.rows[r] for r in rows.tolist()],
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            position_ids=self.position_ids[rows, :width],
+            anchor=self.anchor,
+            read_rows=new_index[self.read_rows[kept]],
+            read_cols=self.read_cols[kept],
+            read_tokens=self.read_tokens[kept],
+            last_cols=self.last_cols[rows],
+        )
+
 
 class AnchoredRun:
     """The part of an anchored batch's forward pass that an injection at ``layer`` (at or after the
@@ -168,6 +191,31 @@ class AnchoredRun:
             return run_body(self.lm, ids, mask, positions)
         ids, positions = batch.input_ids[:, p:], batch.position_ids[:, p:]
         return run_after(self.lm, self._prefix, ids, batch.attention_mask, positions)
+
+    def select(self, rows: torch.Tensor) -> AnchoredRun:
+        """This run restricted to batch rows ``rows`` (1-D index tensor; row ``rows[i]`` becomes
+        row ``i``): the kept prefix, layer input and captures are sliced, nothing is recomputed.
+        An optimisation whose rows finish at different steps reruns only the unfinished ones."""
+        rows = rows.to(self.batch.input_ids.device)
+        picked = AnchoredRun.__new__(AnchoredRun)
+        picked.lm, picked.layer, picked.fast = self.lm, self.layer, self.fast
+        picked.batch = self.batch.select(rows)
+        # captures and the layer input span the suffix columns (all columns when not fast)
+        end = picked.batch.width - (self.batch.anchor if self.fast else 0)
+        picked.captured = {
+            name: Seen(
+                None if seen.input is None else seen.input[rows, :end],
+                None if seen.output is None else seen.output[rows, :end],
+            )
+            for name, seen in self.captured.items()
+        }
+        picked._prefix = None
+        if self._prefix is not None:
+            kv = [(keys[rows], values[rows]) for keys, values in self._prefix.kv]
+            picked._prefix = Prefix(kv, self._prefix.hidden[rows])
+        if self.fast:
+            picked._layer_input = self._layer_input[rows, :end]
+        return picked
 
     @property
     def anchor_index(self) -> int:

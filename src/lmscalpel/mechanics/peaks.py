@@ -170,3 +170,37 @@ def record_peak(summary: dict, *, source: str = "lmscalpel trace --known") -> Tr
     atomic_write_json(peaks_file(), table)
     log.info("recorded layer %d as ROME's default edit layer for %s", peak.layer, peak.model)
     return peak
+
+
+def edit_range(
+    num_layers: int,
+    fingerprint: str | None,
+    *,
+    span: int,
+    depth_layer: int,
+    default_depth: float | None = None,
+) -> tuple[list[int], LayerChoice]:
+    """MEMIT's (and AlphaEdit's) layers on a model of ``num_layers`` layers: ``span`` consecutive
+    MLPs starting at the layer :func:`choose_edit_layer` picks (the traced MLP peak, recorded or
+    shipped, else ``depth_layer``), shifted down where the model has too few layers above it
+    (the last layer is never in the range: the target hidden state at its output, at the
+    subject's last token, would reach no later token).
+
+    On the embedded SmolLM2-135M the peak is layer 4 (75 % of bootstrap resamples; the rest
+    pick 5), and docs/rome.md's sweep edits layers 4-8 equally well, so the default span of 5
+    edits layers 4-8: the peak and the layers just above it, where the subject's last token
+    still carries the fact (Meng et al. 2023 edit GPT-J's layers 3-8 around its peak).
+    """
+    if span < 1:
+        raise ValueError(f"a layer range needs span >= 1, got {span}")
+    choice = choose_edit_layer(
+        num_layers,
+        fingerprint,
+        configured=None,
+        depth_layer=depth_layer,
+        default_depth=default_depth,
+    )
+    usable = max(1, num_layers - 1)  # the top layer's output at the subject reaches no later token
+    span = min(span, usable)
+    first = max(0, min(choice.layer, usable - span))
+    return list(range(first, first + span)), choice

@@ -5,7 +5,9 @@ fact with the rank-one update that disturbs other keys least *on average*, which
 uncentered covariance C of the keys k — the inputs of the edited MLP output matrix — over text the
 model reads. MEMIT and AlphaEdit need the same matrix. Here it is computed once per (model, layer,
 corpus, sample count), with only the layers up to the edited one running, and cached as
-safetensors under ``$LMSCALPEL_HOME/stats/<fingerprint>/``.
+safetensors under ``$LMSCALPEL_HOME/stats/<fingerprint>/``. AlphaEdit's null-space projections
+come from the eigendecomposition of C (:meth:`KeyStatistics.spectrum`), computed once per
+statistics file and cached beside it (``….spectrum.safetensors``).
 
 Corpora (:func:`resolve_corpus`):
 
@@ -37,6 +39,7 @@ from transformers import GenerationConfig
 from lmscalpel.core.cache import TENSORS, DiskCache, TensorFile, tensor_codec
 from lmscalpel.core.config import ConfigError
 from lmscalpel.models.adapter import module_of
+from lmscalpel.models.fingerprint import tensor_digest
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.runtime.hooks import Tap, tap
 from lmscalpel.runtime.kv import run_body
@@ -321,6 +324,8 @@ class KeyStatistics:
     weight: str | None = None
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
     _cholesky: torch.Tensor | None = field(default=None, repr=False)
+    _spectrum: Spectrum | None = field(default=None, repr=False)
+    _projections: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)  # bases
 
     def solve(self, keys: torch.Tensor) -> torch.Tensor:
         """C⁻¹ k for keys (d,) or (n, d), in float64 (C is factorised once)."""
@@ -336,6 +341,74 @@ class KeyStatistics:
         solved = torch.cholesky_solve(vectors.to(self._cholesky.device), self._cholesky).T
         return solved.reshape(keys.shape)
 
+    def spectrum(self) -> Spectrum:
+        """The eigendecomposition of C, eigenvalues ascending (float64): computed once, kept
+        with these statistics and, when they come from the cache, on disk beside them."""
+        if self._spectrum is None:
+            digest = tensor_digest(self.moment)
+            if self.path is None:
+                self._spectrum = Spectrum.of(self.moment, digest)
+            else:
+                key = (
+                    self.path.parent.name,
+                    self.path.name.removesuffix(".safetensors") + ".spectrum",
+                )
+                self._spectrum = SPECTRA.get(
+                    key,
+                    lambda: Spectrum.of(self.moment, digest),
+                    check=lambda found: found.moment_sha256 == digest,
+                )
+        return self._spectrum
+
+    def null_space_basis(self, energy: float) -> torch.Tensor:
+        """U (d, r), float64, orthonormal columns: C's eigenvectors with the smallest eigenvalues
+        that together hold at most ``energy`` of E[‖k‖²] = tr C — the directions the keys of the
+        statistics' text (almost) never take (AlphaEdit's null space of the preserved keys; Fang
+        et al. 2025, §3.1). r may be 0. Cached per ``energy``."""
+        if not 0.0 <= energy < 1.0:
+            raise ConfigError(
+                f"the null space's share of the key energy must be in [0, 1), got {energy}"
+            )
+        if energy not in self._projections:
+            self._projections[energy] = self.spectrum().null_basis(energy)
+        return self._projections[energy]
+
+    def null_space_projection(self, energy: float) -> torch.Tensor:
+        """P = UUᵀ (d, d), float64: the orthogonal projection onto :meth:`null_space_basis`. An
+        update ΔP leaves every key k with Pk = 0 unchanged, and the statistics' own keys change
+        by at most √energy of their typical size."""
+        basis = self.null_space_basis(energy)
+        return basis @ basis.T
+
+    def null_space_energy(self, energy: float) -> float:
+        """E[‖Pk‖²] = tr(PC): the keys' energy in :meth:`null_space_basis` (at most ``energy``
+        · tr C)."""
+        rank = self.null_space_basis(energy).shape[1]
+        return float(self.spectrum().eigenvalues[:rank].clamp(min=0.0).sum())
+
+
+@dataclass
+class Spectrum:
+    """C = V diag(λ) Vᵀ: ``eigenvalues`` (d,) ascending and ``eigenvectors`` (d, d) as columns,
+    float64, of the moment whose digest is ``moment_sha256``."""
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    moment_sha256: str
+
+    @classmethod
+    def of(cls, moment: torch.Tensor, digest: str) -> Spectrum:
+        values, vectors = torch.linalg.eigh(moment.double())
+        return cls(values, vectors, digest)
+
+    def null_basis(self, energy: float) -> torch.Tensor:
+        """(d, r): the eigenvectors with the smallest eigenvalues whose sum is at most
+        ``energy`` · tr C (r may be 0)."""
+        values = self.eigenvalues.clamp(min=0.0)
+        share = values.cumsum(0) / values.sum().clamp(min=1e-300)
+        count = int((share <= energy).sum())
+        return self.eigenvectors[:, :count]
+
 
 def _encode(stats: KeyStatistics) -> TensorFile:
     return TensorFile({"moment": stats.moment}, stats.metadata)
@@ -350,16 +423,39 @@ def _decode(stored: TensorFile, path: Path) -> KeyStatistics:
     return KeyStatistics(moment, count, layer, meta["corpus"], path, meta["weight"], meta)
 
 
+def _encode_spectrum(spectrum: Spectrum) -> TensorFile:
+    tensors = {"eigenvalues": spectrum.eigenvalues, "eigenvectors": spectrum.eigenvectors}
+    return TensorFile(tensors, {"moment_sha256": spectrum.moment_sha256})
+
+
+def _decode_spectrum(stored: TensorFile, path: Path) -> Spectrum:
+    values, vectors = stored["eigenvalues"].double(), stored["eigenvectors"].double()
+    if values.dim() != 1 or vectors.shape != (len(values), len(values)):
+        raise ValueError("eigenvalues and eigenvectors of mismatching shapes")
+    return Spectrum(values, vectors, stored.metadata["moment_sha256"])
+
+
+SPECTRA = DiskCache("stats", tensor_codec(_encode_spectrum, _decode_spectrum))
+"""Eigendecompositions of cached statistics, beside them: ``stats/<fingerprint>/<weight>.<corpus>.
+<samples>.spectrum.safetensors``, with the digest of the moment they decompose (a stale one, of a
+recomputed moment, is recomputed)."""
+
 STATISTICS = DiskCache("stats", tensor_codec(_encode, _decode))
 """Key statistics: ``stats/<fingerprint>/<weight>.<corpus>.<samples>.safetensors``, the moment
 and, as metadata, its count, layer, weight, corpus, model and fingerprint."""
+
+
+def statistics_key(lm: LoadedModel, weight: str, corpus_id: str, samples: int) -> tuple[str, str]:
+    """The cache key of the statistics of ``weight``'s inputs over ``samples`` tokens of the corpus
+    whose id is ``corpus_id``."""
+    return (lm.fingerprint, f"{weight}.{corpus_id}.{samples}")
 
 
 def _statistics_key(
     lm: LoadedModel, layer: int | str, corpus: Corpus, samples: int
 ) -> tuple[str, str]:
     weight = layer if isinstance(layer, str) else lm.adapter.mlp_out_weight_name(layer)
-    return (lm.fingerprint, f"{weight}.{corpus.id}.{samples}")
+    return statistics_key(lm, weight, corpus.id, samples)
 
 
 def statistics_path(lm: LoadedModel, layer: int | str, corpus: Corpus, samples: int) -> Path:

@@ -1,8 +1,9 @@
 """Editing methods: one module each, all implementing :class:`~lmscalpel.methods.base.Editor`."""
 
-from lmscalpel.methods import ft, ike, lora, mend, rome
+from lmscalpel.methods import alphaedit, ft, ike, lora, memit, mend, rome
 from lmscalpel.methods.base import (
     Editor,
+    UnknownMethodError,
     available_methods,
     editor_class,
     get_editor,
@@ -12,12 +13,15 @@ from lmscalpel.methods.base import (
 
 __all__ = [
     "Editor",
+    "UnknownMethodError",
+    "alphaedit",
     "available_methods",
     "editor_class",
     "ft",
     "get_editor",
     "ike",
     "lora",
+    "memit",
     "mend",
     "register",
     "resolve_layers",

@@ -99,7 +99,9 @@ def rank_one_edit(
     k* is the subject's key averaged over ``prefixes``; v* = W k* + δ with δ from
     :func:`~lmscalpel.mechanics.keys_values.optimise_value`; C from ``stats`` (``None``: identity). With
     ``exact``, δ is optimised as the update will really apply it at each position (scaled by
-    (C⁻¹k*)ᵀk / (C⁻¹k*)ᵀk*); without, at the anchor only, as in the paper.
+    (C⁻¹k*)ᵀk / (C⁻¹k*)ᵀk*); without, at the anchor only, as in the paper. The update's key —
+    numerator, direction and denominator — is the very key δ was optimised for (the r-ROME
+    check of Gupta et al. 2024; docs/rome.md and tests/test_batched_values.py).
     """
     solver = (lambda k: k) if stats is None else stats.solve
     solution = optimise_value(
@@ -129,17 +131,29 @@ class ROMEConfig(ValueOptions):
         None, "MLP to edit (negative counts from the top); unset: the traced peak or default_depth"
     )
     default_depth: float = option(
-        0.2, "the edit layer as a fraction of the depth, when layer is unset and nothing was traced"
+        0.2,
+        "the edit layer as a fraction of the depth, when layer is unset and nothing was traced",
+        at_least=0,
+        at_most=1,
     )
     statistics: bool = option(
         True, "weight the update by the key statistics C = E[kkᵀ] (False: C = I)"
     )
     stats_corpus: str = option(
-        DEFAULT_CORPUS, "text for the statistics: 'model' (sampled from the model) or a path"
+        DEFAULT_CORPUS,
+        "text for the statistics: 'model' (sampled from the model) or a path",
+        nonempty=True,
+        path=True,
     )
-    stats_samples: int = option(DEFAULT_SAMPLES, "tokens in the statistics' estimate")
-    prefixes: int = option(3, "generated context prefixes the key and value are averaged over")
-    prefix_length: int = option(5, "tokens in each generated context prefix")
+    stats_samples: int = option(
+        DEFAULT_SAMPLES, "tokens in the statistics' estimate", at_least=1, at_most=10**10
+    )
+    prefixes: int = option(
+        3, "generated context prefixes the key and value are averaged over", at_least=0, at_most=100
+    )
+    prefix_length: int = option(
+        5, "tokens in each generated context prefix", at_least=1, at_most=1024
+    )
     exact_injection: bool = option(
         True, "optimise δ as the rank-one update will apply it at every position"
     )
