@@ -9,6 +9,8 @@ import typer
 
 from lmscalpel.cli.app import (
     ChatOption,
+    DeviceOption,
+    DtypeOption,
     EditorOption,
     ModelOption,
     app,
@@ -16,6 +18,7 @@ from lmscalpel.cli.app import (
     friendly,
     load,
     overrides,
+    placement,
 )
 
 _N = Annotated[int | None, typer.Option("--n", help="Number of cases (default: all).")]
@@ -26,10 +29,18 @@ _PROTOCOL = Annotated[
     str, typer.Option(help="single (edit, measure, revert), batch, or sequential.")
 ]
 _BATCH = Annotated[
-    int | None, typer.Option(help="batch protocol: cases per editor call (default: all).")
+    int | None,
+    typer.Option(
+        help="Cases per editor call: batch protocol (default: all), sequential protocol "
+        "(edits accumulate in groups of this size; default 1)."
+    ),
 ]
 _CHECKPOINTS = Annotated[
-    str, typer.Option(help="sequential protocol: re-measure all earlier edits after k edits.")
+    str,
+    typer.Option(
+        help="sequential protocol: re-measure all earlier edits after k edits (a checkpoint "
+        "inside a group: at the first group boundary after it)."
+    ),
 ]
 _OUT = Annotated[
     Path | None,
@@ -78,11 +89,13 @@ def evaluate_command(
     layout: _LAYOUT = "auto",
     protocol: _PROTOCOL = "single",
     batch_size: _BATCH = None,
-    checkpoints: _CHECKPOINTS = "1,10,100,1000",
+    checkpoints: _CHECKPOINTS = "1,10,100,500,1000,2000",  # EvalOptions.checkpoints
     out: _OUT = None,
     config: _CONFIG = None,
     set_: _SETS = None,
     model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     chat: ChatOption = False,
     fluency_cases: _FLUENCY_CASES = 10,
     fluency_prompts: _FLUENCY_PROMPTS = 2,
@@ -124,16 +137,18 @@ def evaluate_command(
             f"[yellow]{len(dataset.problems)} malformed record(s) of {data} skipped[/yellow] "
             f"(first: {dataset.problems[0]})"
         )
-    lm = load(model, chat)
+    lm = load(model, chat, **placement(device, dtype))
     configs = method_configs(methods, lm.model_type, config, sets, editor)
     specs = [MethodSpec(m, c) for m, c in configs]
     if out is None:
         tag = f"{'+'.join(methods)}-{data.stem}-{protocol}-n{len(cases)}"
+        tag += f"-b{batch_size}" if batch_size is not None and protocol != "single" else ""
         tag += (f"-from{start}" if start else "") + (f"-seed{seed}" if seed is not None else "")
         out = Path("runs") / tag
+    per_call = f", {batch_size} per editor call" if batch_size and protocol != "single" else ""
     console.print(
         f"evaluating {', '.join(methods)} on {len(cases)} {dataset.layout} case(s) of {data} "
-        f"({protocol} protocol) -> {out}"
+        f"({protocol} protocol{per_call}) -> {out}"
     )
     summary = compare(
         lm,

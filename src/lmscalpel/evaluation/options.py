@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 PROTOCOLS = ("single", "batch", "sequential")
+DEFAULT_CHECKPOINTS = (1, 10, 100, 500, 1000, 2000)
 
 
 class EvaluationError(RuntimeError):
@@ -19,8 +20,10 @@ class EvalOptions:
 
     ``protocol``: ``single`` (each case edited on the pristine model, then reverted),
     ``batch`` (``batch_size`` cases per editor call; ``None`` = all cases in one call) or
-    ``sequential`` (edits accumulate; all earlier edits re-measured at ``checkpoints`` and at the
-    end). ``exact_match``: also judge answers by greedy generation. Fluency is measured on the
+    ``sequential`` (edits accumulate in groups of ``batch_size`` cases, one editor call per
+    group, ``None`` = 1; all earlier edits re-measured at ``checkpoints`` and at the end; a
+    checkpoint that falls inside a group is taken at the first group boundary at or after it,
+    see :meth:`checkpoints_for`). ``exact_match``: also judge answers by greedy generation. Fluency is measured on the
     first ``fluency_cases`` cases, ``fluency_prompts`` prompts each, ``fluency_tokens`` generated
     tokens per prompt (0 cases turns it off). ``score_batch_size``: distinct prompts per forward
     pass; ``generate_batch_size``: prompts per generation batch.
@@ -31,7 +34,7 @@ class EvalOptions:
 
     protocol: str = "single"
     batch_size: int | None = None
-    checkpoints: tuple[int, ...] = (1, 10, 100, 1000)
+    checkpoints: tuple[int, ...] = DEFAULT_CHECKPOINTS
     exact_match: bool = True
     fluency_cases: int = 10
     fluency_prompts: int = 2
@@ -60,9 +63,25 @@ class EvalOptions:
     def measures_fluency(self) -> bool:
         return self.fluency_cases > 0 and self.fluency_prompts > 0 and self.fluency_tokens > 0
 
-    def checkpoints_for(self, n: int) -> list[int]:
-        """Checkpoints of a sequential run over ``n`` cases: those <= n, plus n itself."""
-        return sorted({c for c in self.checkpoints if c <= n} | ({n} if n else set()))
+    @property
+    def group_size(self) -> int | None:
+        """Cases per editor call: 1 for ``single``, ``batch_size`` for ``batch`` (``None``: all
+        cases) and for ``sequential`` (``None``: 1)."""
+        if self.protocol == "single":
+            return 1
+        if self.protocol == "sequential":
+            return self.batch_size or 1
+        return self.batch_size
+
+    def checkpoints_for(self, n: int, group: int = 1) -> list[int]:
+        """Checkpoints of a sequential run over ``n`` cases edited ``group`` at a time: each
+        checkpoint <= n moved to the first group boundary at or after it (a multiple of
+        ``group``, or n), plus n itself. With groups of 100 and the default checkpoints that is
+        100, 500, 1000, 2000 (1 and 10 are both measured after the first group)."""
+        if group < 1:
+            raise EvaluationError(f"group size must be >= 1, got {group}")
+        moved = {min(n, -(-c // group) * group) for c in self.checkpoints if c <= n}
+        return sorted(moved | ({n} if n else set()))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,3 +102,19 @@ class EvalOptions:
         for name in ("score_batch_size", "generate_batch_size"):
             data.pop(name)
         return data
+
+
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`EvalOptions.measurement_settings` without the ones its protocol ignores (the batch
+    size of the single protocol, the checkpoints of the single and batch protocols; a sequential
+    batch size of ``None`` is 1), so that two runs' settings compare equal when they measure the
+    same (a run folder of an older version, written with other defaults, still resumes)."""
+    data = dict(settings)
+    protocol = data.get("protocol")
+    if protocol != "sequential":
+        data.pop("checkpoints", None)
+    if protocol == "single":
+        data.pop("batch_size", None)
+    if protocol == "sequential" and data.get("batch_size") is None:
+        data["batch_size"] = 1
+    return data

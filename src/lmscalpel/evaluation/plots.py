@@ -1,8 +1,11 @@
-"""PNG plots of a summary: metric bars per method, and the sequential retention curve."""
+"""PNG plots of a summary: metric bars per method, and the sequential retention curves (several
+methods on one plot); :func:`plot_curves` draws any metric-against-x curves the same way (a
+benchmark's metrics against the batch size)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -20,7 +23,9 @@ CURVES = (
     ("locality_unchanged", "locality unchanged"),
     ("edit_acc", "edit token accuracy"),
     ("fluency", "fluency (bits)"),
+    ("seconds_per_edit", "seconds per edit"),
 )
+UNITS = {"fluency": "bits", "seconds_per_edit": "s"}  # the other curves are rates, in %
 
 
 def _pyplot() -> ModuleType:
@@ -116,49 +121,70 @@ def plot_metrics(summary: Summary, path: str | Path) -> Path:
 
 def plot_retention(summary: Summary, path: str | Path) -> Path:
     """Sequential protocol: each metric of all earlier edits against the number of edits made,
-    one line per method, the unedited model dashed."""
-    present = {k for curve in summary.retention.values() for p in curve for k in p}
+    one line per method (several methods on one plot), the unedited model dashed."""
+    size = summary.batch_size
+    per_call = f", {size} per editor call" if size and size > 1 else ""
+    return plot_curves(
+        summary.retention,
+        path,
+        baseline=summary.rows.get(BASELINE),
+        title=f"Retention of earlier edits (sequential editing{per_call})",
+    )
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    *,
+    x: str = "edits",
+    xlabel: str = "edits made",
+    title: str = "",
+    baseline: Mapping[str, float] | None = None,
+) -> Path:
+    """One panel per metric of :data:`CURVES` that some point has (ES, PS, NS, locality, edit
+    accuracy, fluency, seconds per edit), each with one line per entry of ``curves`` (points ``{x: ..., metric:
+    ...}``), a log x axis once it spans a decade, and ``baseline``'s value dashed."""
+    present = {k for curve in curves.values() for p in curve for k in p}
     panels = [(k, t) for k, t in CURVES if k in present]
     cols = min(3, len(panels)) or 1
     rows = (len(panels) + cols - 1) // cols or 1
     plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     colours = plt.get_cmap("tab10")
-    most = max((p["edits"] for c in summary.retention.values() for p in c), default=1)
-    for n, (key, title) in enumerate(panels):
+    xs_all = sorted({p[x] for c in curves.values() for p in c})
+    for n, (key, panel_title) in enumerate(panels):
         ax = axes[n // cols][n % cols]
-        for i, (name, curve) in enumerate(summary.retention.items()):
-            points = [(p["edits"], p[key]) for p in curve if key in p]
-            scale = 1.0 if key == "fluency" else 100.0
+        scale = 1.0 if key in UNITS else 100.0
+        for i, (name, curve) in enumerate(curves.items()):
+            points = sorted((p[x], p[key]) for p in curve if key in p)
             ax.plot(
-                [x for x, _ in points],
-                [scale * y for _, y in points],
+                [a for a, _ in points],
+                [scale * b for _, b in points],
                 marker=MARKERS[i % len(MARKERS)],
                 markersize=7 - 1.5 * (i % 3),
                 linestyle=("-", "--", ":")[i % 3],
                 label=name,
                 color=colours(i + 1),
             )
-        base = summary.rows.get(BASELINE, {})
-        if key in base:
-            scale = 1.0 if key == "fluency" else 100.0
-            ax.axhline(scale * base[key], color="grey", linestyle="--", label=BASELINE)
-        if most >= 10:
+        if baseline and key in baseline:
+            ax.axhline(scale * baseline[key], color="grey", linestyle="--", label=BASELINE)
+        if xs_all and xs_all[-1] >= 10 * max(1, xs_all[0]):
             ax.set_xscale("log")
-        ticks = sorted({p["edits"] for c in summary.retention.values() for p in c})
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_title(title)
-        ax.set_xlabel("edits made")
-        ax.set_ylabel("bits" if key == "fluency" else "%")
-        if key != "fluency":
+        if len(xs_all) <= 12:
+            ax.set_xticks(xs_all)
+            ax.set_xticklabels([str(t) for t in xs_all], rotation=45 if len(xs_all) > 6 else 0)
+            ax.minorticks_off()
+        ax.set_title(panel_title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(UNITS.get(key, "%"))
+        if key not in UNITS:
             ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
     for n in range(len(panels), rows * cols):
         axes[n // cols][n % cols].axis("off")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Retention of earlier edits (sequential editing)")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     _save(fig, Path(path))
     return Path(path)

@@ -9,15 +9,28 @@ unedited measurements, the options, the run's store); :func:`run_protocol` runs 
 * :func:`run_single` — batches of one: each case edited, measured and reverted on its own. The
   standard protocol of ROME / EasyEdit.
 * :func:`run_batch` — ``options.batch_size`` cases per call (MEMIT-style mass editing).
-* :func:`run_sequential` — edits accumulate, one case after another; each case is measured right
-  after its edit, and at checkpoints (1, 10, 100, 1000 ... and the end) *all* earlier edits are
-  measured again, with locality and fluency: the retention curve. Weight patches are applied
-  without backups to save memory: a :class:`~lmscalpel.patch.WeightSnapshot` holds the pristine
-  copy of each touched tensor once and restores (and verifies) them at the end, also on error.
+* :func:`run_sequential` — edits accumulate, ``options.batch_size`` cases (default 1) per editor
+  call: lifelong editing. Each case is measured right after its group's edit, and at checkpoints
+  (1, 10, 100, 500, 1000, 2000 ... and the end; a checkpoint inside a group is taken at the first
+  group boundary at or after it) *all* earlier edits are measured again, with locality and
+  fluency: the retention curve. Weight patches are applied without backups to save memory: a
+  :class:`~lmscalpel.patch.WeightSnapshot` holds the pristine copy of each touched tensor once and
+  restores (and verifies) them at the end, also on error.
+
+Two optional editor attributes, looked up with ``getattr`` (an editor without them is called
+plainly):
+
+* ``max_requests_per_call`` (int): a method that edits at most that many requests per call gets
+  each group split into calls of that size, applied one after another (later calls see earlier
+  edits); the timing covers them all.
+* ``compute_in_sequence(lm, requests, config, earlier)``: a sequence-aware method (AlphaEdit keeps
+  the keys of earlier edits) is called with it in the sequential protocol instead of ``compute``;
+  ``earlier`` is its patches of this run so far, oldest first (their weights are in the model;
+  after a resume they are loaded from the run's state and not themselves "applied").
 
 Each protocol appends one record per finished case to the run's store as soon as it is done, and
 skips cases already recorded, so a killed run resumes where it stopped. The sequential protocol
-also saves its accumulated edits after every case (see :class:`SequentialState`).
+also saves its accumulated edits after every group (see :class:`SequentialState`).
 """
 
 from __future__ import annotations
@@ -71,20 +84,50 @@ class MethodRun:
     fluency_keys: Collection[str] = frozenset()
     progress: bool = True
 
+    @property
+    def sequence_aware(self) -> bool:
+        """Whether the editor takes its earlier patches of a sequence (``compute_in_sequence``)."""
+        return callable(getattr(self.editor, "compute_in_sequence", None))
+
     def edit(
         self,
         requests: Sequence[EditRequest],
         *,
         keep_backup: bool = True,
         before_apply: Callable[[Patch], None] | None = None,
-    ) -> tuple[Patch, Usage]:
-        """Run the editor and apply its patch, timing both and sampling peak memory."""
+        earlier: Sequence[Patch] | None = None,
+    ) -> tuple[list[Patch], Usage]:
+        """Run the editor and apply its patch(es), timing both and sampling peak memory.
+
+        One call for all ``requests``, or calls of the editor's ``max_requests_per_call``, each
+        applied before the next is computed. With ``earlier`` (the sequential protocol) a
+        sequence-aware editor is given its earlier patches. If a later call fails, the patches
+        already applied with a backup are reverted (without one, the caller's snapshot restores).
+        """
+        requests = list(requests)
+        limit = getattr(self.editor, "max_requests_per_call", None) or max(1, len(requests))
+        patches: list[Patch] = []
         with ResourceMeter(self.lm.device) as meter:
-            patch = self.editor.compute(self.lm, list(requests), self.config)
-            if before_apply is not None:
-                before_apply(patch)
-            patch.apply(self.lm, keep_backup=keep_backup)
-        return patch, meter.usage
+            try:
+                for start in range(0, len(requests), limit):
+                    chunk = requests[start : start + limit]
+                    if earlier is not None and self.sequence_aware:
+                        before = [*earlier, *patches]
+                        patch = self.editor.compute_in_sequence(self.lm, chunk, self.config,
+                                                                before)  # fmt: skip
+                    else:
+                        patch = self.editor.compute(self.lm, chunk, self.config)
+                    if before_apply is not None:
+                        before_apply(patch)
+                    patch.apply(self.lm, keep_backup=keep_backup)
+                    patches.append(patch)
+            except BaseException:
+                if keep_backup:
+                    with _restoring(self.label):
+                        for patch in reversed(patches):
+                            patch.revert()
+                raise
+        return patches, meter.usage
 
     def record(
         self, case: EvalCase, post: dict[str, Any], usage: Usage, share: float = 1.0, **extra: Any
@@ -147,13 +190,14 @@ def run_batches(run: MethodRun, size: int, what: str | None = None) -> None:
             if all(c.key in done for c in group):
                 continue
             requests = [r for c in group for r in c.requests]
-            patch, usage = run.edit(requests)
+            patches, usage = run.edit(requests)
             try:
                 wanted = {c.key for c in group} & set(run.fluency_keys)
                 post = measure(run.lm, group, run.options, fluency_keys=wanted)
             finally:
                 with _restoring(run.label):
-                    patch.revert()
+                    for patch in reversed(patches):
+                        patch.revert()
             batched = len(groups) < len(cases)
             extra = {"batch": number, "batch_seconds": usage.seconds} if batched else {}
             for case in group:
@@ -183,16 +227,20 @@ class SequentialState:
     touches are taken into a :class:`~lmscalpel.patch.WeightSnapshot` (:meth:`protect`);
     :meth:`restore` reverts the in-context patches and restores the snapshot, each verifying
     itself. :meth:`save` writes the current values of every touched tensor (safetensors) and saves
-    each in-context patch, then atomically replaces ``state.json``, which names them: a run killed
-    at any moment resumes from the last case whose state was committed.
+    each in-context patch (and, for a sequence-aware editor, each weight patch: what it carries to
+    the next call), then atomically replaces ``state.json``, which names them: a run killed at any
+    moment resumes from the last group whose state was committed.
     """
 
-    def __init__(self, lm: LoadedModel, folder: Path) -> None:
+    def __init__(self, lm: LoadedModel, folder: Path, keep_patches: bool = False) -> None:
         self.lm = lm
         self.folder = Path(folder)
+        self.keep_patches = keep_patches
         self.pristine = WeightSnapshot(lm)
         self.context: list[Patch] = []
         self.context_dirs: list[str] = []
+        self.sequence: list[Patch] = []  # a sequence-aware editor's patches, oldest first
+        self.sequence_dirs: list[str] = []
         self.done: list[str] = []
         self.last: dict[str, Any] = {}
         self.generation = 0
@@ -200,13 +248,24 @@ class SequentialState:
     def protect(self, names: Sequence[str]) -> None:
         self.pristine.take(names)
 
-    def add(self, key: str, patch: Patch, last: dict[str, Any]) -> None:
-        if patch.kind == "context":
-            self.context.append(patch)
-            folder = f"context/{len(self.context_dirs):06d}"
-            patch.save(self.folder / folder)
-            self.context_dirs.append(folder)
-        self.done.append(key)
+    def add(
+        self, keys: str | Sequence[str], patches: Patch | Sequence[Patch], last: dict[str, Any]
+    ) -> None:
+        """Record the cases ``keys``, edited by ``patches`` (applied), and the edit's usage."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        patches = [patches] if isinstance(patches, Patch) else list(patches)
+        for patch in patches:
+            if patch.kind == "context":
+                self.context.append(patch)
+                folder = f"context/{len(self.context_dirs):06d}"
+                patch.save(self.folder / folder)
+                self.context_dirs.append(folder)
+            elif self.keep_patches:
+                self.sequence.append(patch)
+                folder = f"sequence/{len(self.sequence_dirs):06d}"
+                patch.save(self.folder / folder)
+                self.sequence_dirs.append(folder)
+        self.done.extend(keys)
         self.last = last
 
     def save(self) -> None:
@@ -227,6 +286,7 @@ class SequentialState:
                 "done": self.done,
                 "weights": weights,
                 "context": self.context_dirs,
+                "sequence": self.sequence_dirs,
                 "last": self.last,
                 "generation": self.generation,
             },
@@ -256,6 +316,9 @@ class SequentialState:
             patch.apply(self.lm)
             self.context.append(patch)
         self.context_dirs = list(state["context"])
+        self.sequence_dirs = list(state.get("sequence", []))
+        if self.keep_patches:  # loaded, not applied: their weights came in with the tensors
+            self.sequence = [Patch.load(self.folder / f) for f in self.sequence_dirs]
         self.done = list(state["done"])
         self.last = state.get("last", {})
         self.generation = state.get("generation", 0)
@@ -289,45 +352,70 @@ def _checkpoint(
 
 
 def run_sequential(run: MethodRun) -> None:
-    """Edits accumulate over the cases in order; a retention curve at the checkpoints."""
+    """Edits accumulate over the cases in order, ``options.batch_size`` cases (default 1) per
+    editor call; a retention curve at the checkpoints (see the module docstring)."""
     lm, cases, options, label = run.lm, run.cases, run.options, run.label
+    size = options.batch_size or 1
     sink, curve = run.store.cases(label), run.store.checkpoints(label)
     recorded = set(sink.by_key())
     measured = {r["edits"] for r in curve.read()}
-    checkpoints = set(options.checkpoints_for(len(cases)))
+    checkpoints = set(options.checkpoints_for(len(cases), size))
     if recorded >= {c.key for c in cases} and measured >= checkpoints:
         return  # finished earlier
     fluency_cases = [c for c in cases if c.key in run.fluency_keys]
-    state = SequentialState(lm, run.store.state_dir(label))
+    state = SequentialState(lm, run.store.state_dir(label), keep_patches=run.sequence_aware)
     check = _PristineCheck(lm, label)
+    positions = {c.key: i + 1 for i, c in enumerate(cases)}
+
+    def record(group: Sequence[EvalCase], post: dict[str, Any], usage: Usage, number: int,
+               only: Collection[str] | None = None) -> None:  # fmt: skip
+        """Record the cases of group ``number`` (those in ``only``), sharing its edit time."""
+        edits = sum(len(c.requests) for c in group)
+        extra = {"batch": number, "batch_seconds": usage.seconds} if size > 1 else {}
+        for case in group:
+            if only is not None and case.key not in only:
+                continue
+            share = len(case.requests) / edits
+            sink.append(run.record(case, post[case.key], usage, share,
+                                   position=positions[case.key], **extra))  # fmt: skip
+
     try:
         state.load()
         done = len(state.done)
-        if state.done != [c.key for c in cases[:done]]:
-            raise EvaluationError(f"{state.folder}: the saved edits are not this run's first cases")
-        with run.bar(len(cases), done, "sequential") as bar:
-            if done and cases[done - 1].key not in recorded:  # killed after saving the state
-                case = cases[done - 1]
-                post = measure(lm, [case], options)[case.key]
-                sink.append(run.record(case, post, Usage(**state.last), position=done))
-            for position in range(done, len(cases) + 1):
+        if state.done != [c.key for c in cases[:done]] or (done % size and done != len(cases)):
+            raise EvaluationError(
+                f"{state.folder}: the saved edits are not this run's first cases in groups of "
+                f"{size}"
+            )
+        what = "sequential" if size == 1 else f"sequential, {size} per call"
+        with run.bar(len(cases), done, what) as bar:
+            if done:  # killed after saving the state, before recording the group's cases
+                number = (done - 1) // size
+                group = cases[number * size : done]
+                missing = [c for c in group if c.key not in recorded]
+                if missing:
+                    post = measure(lm, missing, options)
+                    record(group, post, Usage(**state.last), number, {c.key for c in missing})
+            for position in [*range(done, len(cases), size), len(cases)]:
                 if position in checkpoints and position not in measured:
                     point = _checkpoint(run, cases[:position], fluency_cases)
                     curve.append(point)
                     log.info("%s: %d edits: %s", label, position, _brief(point["metrics"]))
                 if position == len(cases):
                     break
-                case = cases[position]
-                patch, usage = run.edit(
-                    case.requests,
+                number = position // size
+                group = list(cases[position : position + size])
+                patches, usage = run.edit(
+                    [r for c in group for r in c.requests],
                     keep_backup=False,
                     before_apply=lambda p: state.protect(p.parameter_names),
+                    earlier=state.sequence,
                 )
-                post = measure(lm, [case], options)[case.key]
-                state.add(case.key, patch, vars(usage))
+                post = measure(lm, group, options)
+                state.add([c.key for c in group], patches, vars(usage))
                 state.save()
-                sink.append(run.record(case, post, usage, position=position + 1))
-                bar.update()
+                record(group, post, usage, number)
+                bar.update(len(group))
     finally:
         with _restoring(label):
             state.restore()

@@ -23,6 +23,7 @@ class Tabulated(Protocol):
     protocol: str
     n_cases: int
     retention: dict[str, list[dict[str, float]]]
+    batch_size: int | None
 
 
 ORDER = (
@@ -101,12 +102,22 @@ def columns(summary: Tabulated, wanted: Sequence[str] | None = None) -> list[str
     return ordered + extra
 
 
+def describe(summary: Tabulated) -> str:
+    """ "sequential protocol, 100 cases per editor call, 2000 cases" and the like."""
+    size = summary.batch_size
+    per_call = ""
+    if summary.protocol != "single" and size is not None:
+        per_call = f", {size} case{'s' if size != 1 else ''} per editor call"
+    return f"{summary.protocol} protocol{per_call}, {summary.n_cases} cases"
+
+
 def markdown_table(summary: Tabulated) -> str:
     """All columns, one row per method (the unedited baseline first), with a legend."""
     keys = columns(summary)
+    what = describe(summary)
     lines = [
-        f"Protocol: {summary.protocol}, {summary.n_cases} cases. Rates and margins in %, "
-        "fluency in bits, time in s per edit, memory in MiB (peak while editing).",
+        f"{what[0].upper()}{what[1:]}. Rates and margins in %, "
+        "fluency in bits, time in s per edit (editing only), memory in MiB (peak while editing).",
         "",
         "| method | " + " | ".join(header(k) for k in keys) + " |",
         "|---|" + "---:|" * len(keys),
@@ -114,33 +125,41 @@ def markdown_table(summary: Tabulated) -> str:
     for name, row in summary.rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(k, row.get(k)) for k in keys) + " |")
     if summary.retention:
-        lines += ["", "Retention (all earlier edits re-measured after k edits):", ""]
-        for name, curve in summary.retention.items():
-            keys_r = [
-                k
-                for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
-                if any(k in p for p in curve)
-            ]
-            lines += [
-                f"**{name}**",
-                "",
-                "| edits | " + " | ".join(header(k) for k in keys_r) + " |",
-                "|---:|" + "---:|" * len(keys_r),
-            ]
-            for point in curve:
-                cells = " | ".join(fmt(k, point.get(k)) for k in keys_r)
-                lines.append(f"| {point['edits']} | {cells} |")
-            lines.append("")
+        lines += ["", retention_tables(summary)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def retention_tables(summary: Tabulated) -> str:
+    """The sequential protocol's retention curves, one markdown table per method (the unedited
+    model on all cases as the row of 0 edits)."""
+    lines = ["Retention (all earlier edits re-measured after k edits; 0: the unedited model on "
+             "all cases):", ""]  # fmt: skip
+    base = summary.rows.get(BASELINE, {})
+    for name, curve in summary.retention.items():
+        keys = [
+            k
+            for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
+            if any(k in p for p in curve)
+        ]
+        lines += [
+            f"**{name}**",
+            "",
+            "| edits | " + " | ".join(header(k) for k in keys) + " |",
+            "|---:|" + "---:|" * len(keys),
+        ]
+        if base:
+            lines.append("| 0 | " + " | ".join(fmt(k, base.get(k)) for k in keys) + " |")
+        for point in curve:
+            cells = " | ".join(fmt(k, point.get(k)) for k in keys)
+            lines.append(f"| {point['edits']} | {cells} |")
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def console_table(summary: Tabulated, title: str | None = None) -> Table:
     """The main columns for a terminal (the full set is in table.md and summary.json)."""
     keys = columns(summary, TERMINAL)
-    table = Table(
-        title=title
-        or f"{summary.protocol} protocol, {summary.n_cases} cases (rates in %, fluency in bits)"
-    )
+    table = Table(title=title or f"{describe(summary)} (rates in %, fluency in bits)")
     table.add_column("method")
     for key in keys:
         table.add_column(header(key), justify="right")

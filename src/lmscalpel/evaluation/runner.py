@@ -10,7 +10,8 @@
    the context, a subject that maps to no token) is reported and left out of every row.
 2. The unedited model measures every case once (batched across cases); this is the baseline row,
    and the reference for locality-as-unchanged-output.
-3. Each method runs under the protocol; results are appended case by case to ``out`` (see
+3. Each method does its one-time work first (``Editor.prepare``: statistics, prefixes; cached,
+   and not counted in the edit times), then runs under the protocol; results are appended case by case to ``out`` (see
    :mod:`lmscalpel.evaluation.store`), so a killed run started again with the same ``out`` resumes.
 4. The summary (one row per method, the baseline first), a markdown table and PNG plots are
    written atomically.
@@ -35,8 +36,8 @@ from lmscalpel.core.requests import EditRequestError
 from lmscalpel.data.cases import EvalCase
 from lmscalpel.editing import validate_requests
 from lmscalpel.evaluation.aggregate import BASELINE, aggregate, case_metrics, resource_columns
-from lmscalpel.evaluation.measure import measure
-from lmscalpel.evaluation.options import EvalOptions, EvaluationError
+from lmscalpel.evaluation.measure import measure, probes_of
+from lmscalpel.evaluation.options import EvalOptions, EvaluationError, comparable_settings
 from lmscalpel.evaluation.plots import plot_metrics, plot_retention
 from lmscalpel.evaluation.protocols import MethodRun, run_protocol
 from lmscalpel.evaluation.store import RunStore
@@ -125,7 +126,10 @@ def _check_manifest(store: RunStore, manifest: dict[str, Any], overwrite: bool) 
         "exact match)",
     }
     for key, name in what.items():
-        if _normalised(old.get(key)) != _normalised(manifest.get(key)):
+        before, now = _normalised(old.get(key)), _normalised(manifest.get(key))
+        if key == "measurement":
+            before, now = comparable_settings(before or {}), comparable_settings(now)
+        if before != now:
             raise EvaluationError(
                 f"{store.root} holds another run (other {name}); use another --out, or "
                 "--overwrite to start it again"
@@ -140,6 +144,59 @@ def _check_manifest(store: RunStore, manifest: dict[str, Any], overwrite: bool) 
     manifest["methods"] = {**old.get("methods", {}), **manifest["methods"]}
 
 
+BASELINE_SETTINGS = ("exact_match", "fluency_prompts", "fluency_tokens")
+
+
+def _same_prompts(case: EvalCase, pre: dict[str, Any]) -> bool:
+    """Whether a stored measurement ``pre`` is of ``case`` (the same prompts, role by role)."""
+    probes = probes_of(case)
+    return all(
+        [p.prompt for p in probes if p.role == role] == [e["prompt"] for e in pre.get(role, [])]
+        for role in ("edit", "paraphrase", "locality", "portability")
+    )
+
+
+def reusable_baseline(
+    folders: Sequence[str | Path],
+    manifest: dict[str, Any],
+    cases: Sequence[EvalCase],
+    fluency_keys: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Unedited measurements of ``cases`` that other run folders already hold, by case key.
+
+    A folder without a run is skipped; one of another model, chat setting or measurement
+    (exact match, fluency prompts and tokens) is refused. A record is taken when it measured the
+    same prompts and has fluency exactly when this run wants it for the case.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    wanted = {c.key: c for c in cases}
+    for folder in folders:
+        other = RunStore(folder)
+        if other.root.resolve() == Path(manifest.get("out", "")).resolve():
+            continue
+        old = other.manifest() if other.root.is_dir() else None
+        if old is None:
+            continue
+        mine, theirs = manifest["measurement"], old.get("measurement", {})
+        if (
+            old.get("model_fingerprint") != manifest["model_fingerprint"]
+            or old.get("chat") != manifest["chat"]
+            or any(theirs.get(k) != mine.get(k) for k in BASELINE_SETTINGS)
+        ):
+            raise EvaluationError(
+                f"{folder}: its unedited measurements are of another model or measurement "
+                f"settings ({', '.join(BASELINE_SETTINGS)}); cannot reuse them"
+            )
+        for key, record in other.baseline.by_key().items():
+            case = wanted.get(key)
+            if case is None or key in found:
+                continue
+            pre = record["pre"]
+            if ("fluency" in pre) == (key in fluency_keys) and _same_prompts(case, pre):
+                found[key] = pre
+    return found
+
+
 def _baseline(
     lm: LoadedModel,
     cases: Sequence[EvalCase],
@@ -147,10 +204,16 @@ def _baseline(
     store: RunStore,
     fluency_keys: set[str],
     progress: bool,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Measurements of the unedited model, batched across cases, stored as they are made."""
+    """Measurements of the unedited model, batched across cases, stored as they are made;
+    ``known`` ones (see :func:`reusable_baseline`) are stored without measuring."""
     sink = store.baseline
     stored = {k: r["pre"] for k, r in sink.by_key().items()}
+    for case in cases:
+        if case.key not in stored and known and case.key in known:
+            sink.append({"key": case.key, "pre": known[case.key]})
+            stored[case.key] = known[case.key]
     todo = [c for c in cases if c.key not in stored]
     chunk = max(options.score_batch_size, 16)
     with tqdm(
@@ -201,13 +264,16 @@ def compare(
     overwrite: bool = False,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    baseline_from: Sequence[str | Path] = (),
 ) -> Summary:
     """Evaluate several methods on the same cases in one run; returns the :class:`Summary`.
 
     ``methods``: names, :class:`MethodSpec` s, or ``{name: config}``. ``protocol`` overrides
     ``options.protocol``. With ``out`` every result is kept there (and a killed run resumes from
     it); without, a temporary folder is used. ``info`` is stored in the summary (e.g. the data
-    file's name and its malformed records).
+    file's name and its malformed records). ``baseline_from``: other run folders whose unedited
+    measurements of these cases are reused (see :func:`reusable_baseline`; runs of one model
+    under several protocols then measure the unedited model once).
     """
     started = time.perf_counter()
     options = options or EvalOptions()
@@ -242,12 +308,19 @@ def compare(
         _check_manifest(store, manifest, overwrite)
         store.write_manifest(manifest)
         fluency_keys = {c.key for c in cases[: options.fluency_cases]}
-        pre = _baseline(lm, cases, options, store, fluency_keys, progress)
+        known = reusable_baseline(
+            baseline_from, {**manifest, "out": str(store.root)}, cases, fluency_keys
+        )
+        pre = _baseline(lm, cases, options, store, fluency_keys, progress, known)
         rows = {BASELINE: aggregate(case_metrics(pre[c.key], None, c.tags) for c in cases)}
         rows[BASELINE]["n_cases"] = len(cases)
         retention: dict[str, list[dict[str, float]]] = {}
+        prepared: dict[str, float] = {}
         for spec in specs:
             label = spec.name
+            clock = time.perf_counter()  # one-time work (statistics ...), outside edit times
+            editors[label].prepare(lm, configs[label])
+            prepared[label] = time.perf_counter() - clock
             run = MethodRun(lm, editors[label], configs[label], label, cases, pre, options,
                             store, frozenset(fluency_keys), progress)  # fmt: skip
             run_protocol(run)
@@ -259,6 +332,7 @@ def compare(
             rows=rows,
             protocol=options.protocol,
             n_cases=len(cases),
+            batch_size=min(options.group_size or len(cases), len(cases)),
             retention=retention,
             info={
                 **(info or {}),
@@ -267,6 +341,7 @@ def compare(
                 "options": options.to_dict(),
                 "methods": manifest["methods"],
                 "left_out_cases": left_out,
+                "prepare_seconds": prepared,
                 "out": str(out) if out is not None else None,
                 "wall_seconds": time.perf_counter() - started,
             },
@@ -288,6 +363,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    baseline_from: Sequence[str | Path] = (),
 ) -> Summary:
     """Evaluate one method (see :func:`compare`); the summary has the rows ``unedited`` and the
     method's label."""
@@ -302,6 +378,7 @@ def evaluate(
         overwrite=overwrite,
         progress=progress,
         info=info,
+        baseline_from=baseline_from,
     )
 
 

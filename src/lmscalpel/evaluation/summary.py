@@ -24,7 +24,8 @@ class Summary:
     ``seconds_per_edit``, ``peak_memory_mb``, ``memory_overhead_mb``, ``n_cases``).
     ``retention``: for the sequential protocol, per method, one dict per checkpoint
     ``{"edits": k, **metrics}``. ``info``: data, model, options, method configurations,
-    left-out cases, output folder, wall time.
+    left-out cases, output folder, wall time. ``batch_size``: cases per editor call (``None``:
+    not recorded, as in summaries of older versions).
     """
 
     rows: dict[str, dict[str, float]]
@@ -32,6 +33,7 @@ class Summary:
     n_cases: int
     retention: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -41,10 +43,23 @@ class Summary:
         return {
             "protocol": self.protocol,
             "n_cases": self.n_cases,
+            "batch_size": self.batch_size,
             "rows": self.rows,
             "retention": self.retention,
             "info": self.info,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        """The summary :meth:`to_dict` wrote (``summary.json``)."""
+        return cls(
+            rows=data["rows"],
+            protocol=data["protocol"],
+            n_cases=data["n_cases"],
+            retention=data.get("retention", {}),
+            info=data.get("info", {}),
+            batch_size=data.get("batch_size"),
+        )
 
     def markdown(self) -> str:
         """The full table (see :func:`~lmscalpel.evaluation.report.markdown_table`)."""
