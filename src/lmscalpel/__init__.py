@@ -19,18 +19,23 @@ from lmscalpel.core.requests import (
 )
 from lmscalpel.core.version import __version__
 from lmscalpel.editing import edit, validate_requests
+from lmscalpel.guard import Guard, GuardRejected, GuardReport
 from lmscalpel.methods import available_methods, get_editor
 from lmscalpel.models import LoadedModel, load_model, wrap_model
-from lmscalpel.patch import Patch, PatchError, PatchMismatchError
+from lmscalpel.patch import NonFiniteDeltaError, Patch, PatchError, PatchMismatchError
 from lmscalpel.scoring import TargetScore, generate, score_targets, top_tokens
 
 __all__ = [
     "ConfigError",
     "EditRequest",
     "EditRequestError",
+    "Guard",
+    "GuardRejected",
+    "GuardReport",
     "LoadedModel",
     "LocalityProbe",
     "MethodConfig",
+    "NonFiniteDeltaError",
     "Patch",
     "PatchError",
     "PatchMismatchError",

@@ -12,7 +12,17 @@ import importlib
 from lmscalpel.cli.app import app, console, friendly
 
 #: Importing a group registers its commands; this order is the order of `lmscalpel --help`.
-COMMAND_GROUPS = ("model", "methods", "edit", "train", "evaluate", "stats", "trace", "demo")
+COMMAND_GROUPS = (
+    "model",
+    "methods",
+    "edit",
+    "train",
+    "evaluate",
+    "stats",
+    "trace",
+    "demo",
+    "serve",
+)
 for _group in COMMAND_GROUPS:
     importlib.import_module(f"lmscalpel.cli.{_group}")
 
