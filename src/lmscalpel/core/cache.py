@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmscalpel.core.files import atomic_path, atomic_write_json, recover_folder
+from lmscalpel.core.files import atomic_path, atomic_write_json, fsync_path, recover_folder
 from lmscalpel.core.paths import lmscalpel_home
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ def _write_tensors(path: Path, value: TensorFile) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in value.tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(value.metadata) or None)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
 
 
 def tensor_codec(

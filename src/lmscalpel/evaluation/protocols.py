@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lmscalpel.core.config import MethodConfig
-from lmscalpel.core.files import atomic_write_json
+from lmscalpel.core.files import atomic_write_json, fsync_path
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.data.cases import EvalCase
 from lmscalpel.evaluation.aggregate import aggregate, case_metrics
@@ -277,8 +276,7 @@ class SequentialState:
             for name in self.pristine.names
         }
         save_file(tensors, str(self.folder / weights))
-        with open(self.folder / weights, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(self.folder / weights)
         atomic_write_json(
             self.folder / "state.json",
             {

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmscalpel.core.config import ConfigError
-from lmscalpel.core.files import atomic_path
+from lmscalpel.core.files import atomic_path, fsync_path
 from lmscalpel.mechanics.stats import (
     DEFAULT_CORPUS,
     DEFAULT_SAMPLES,
@@ -89,6 +89,7 @@ def export_statistics(
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        fsync_path(tmp)
     return path
 
 
