@@ -18,7 +18,6 @@ memory (``torch.cuda.max_memory_allocated``; resident set size on the CPU). JSON
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import platform
 import resource
@@ -32,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmscalpel import EditRequest, edit, score_targets, wrap_model
+from lmscalpel.core.clock import utc_now
 from lmscalpel.testing import CORPUS, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def main() -> None:
             print(json.dumps(rows[-1] if rows else failures, indent=1), flush=True)
     result = {
         "benchmark": "device_check",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,

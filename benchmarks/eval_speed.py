@@ -24,7 +24,6 @@ ones on those cases. Prints a table, writes JSON (default benchmarks/results/eva
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 import lmscalpel as ls
+from lmscalpel.core.clock import utc_now
 from lmscalpel.evaluation import EvalOptions, load_cases, measure
 from lmscalpel.evaluation.measure import match_tokens, probes_of
 from lmscalpel.evaluation.metrics import starts_with_answer
@@ -136,7 +136,7 @@ def main() -> None:
 
     result = {
         "benchmark": "eval_speed",
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": utc_now(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__},

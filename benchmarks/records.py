@@ -3,7 +3,6 @@ machine it ran on (these machines are shared and noisy, so the load is part of t
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 from pathlib import Path
@@ -11,13 +10,15 @@ from typing import Any
 
 import torch
 
+from lmscalpel.core.clock import utc_now
+
 
 def run_header(benchmark: str, data: Path, summary: Any, lm: Any, config: Any) -> dict[str, Any]:
     """The fields that open a single-protocol benchmark's result: name, date, data file, case
     count, model and the method's configuration."""
     return {
         "benchmark": benchmark,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "data": str(data.name),
         "n_cases": summary.n_cases,
         "protocol": "single",

@@ -45,7 +45,6 @@ patches of one method are realised together by one rewriter (see
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import hmac
 import json
@@ -65,6 +64,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 from torch import nn
 
+from lmscalpel.core.clock import utc_now
 from lmscalpel.core.files import atomic_folder, recover_folder, replaceable
 from lmscalpel.core.requests import EditRequest
 from lmscalpel.core.version import __version__
@@ -338,9 +338,7 @@ class Patch:
     context_state: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    created: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
+    created: str = field(default_factory=utc_now)
     _backup: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _applied_digests: dict[str, str] | None = field(default=None, repr=False, compare=False)
     _applied_to: Any = field(default=None, repr=False, compare=False)

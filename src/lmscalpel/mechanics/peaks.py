@@ -18,13 +18,13 @@ recorded peak, else the shipped one, else the family's default depth. It returns
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from lmscalpel.core.clock import utc_now
 from lmscalpel.core.files import atomic_write_json
 from lmscalpel.core.paths import lmscalpel_home
 
@@ -163,7 +163,7 @@ def record_peak(summary: dict, *, source: str = "lmscalpel trace --known") -> Tr
         window=int(summary["window"]),
         model=str(summary["model"]),
         source=source,
-        recorded=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        recorded=utc_now(),
     )
     table = {fp: asdict(p) for fp, p in recorded_peaks().items()}
     table[summary["fingerprint"]] = asdict(peak)

@@ -21,7 +21,6 @@ base fingerprint) is refused with :class:`JournalError`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import hashlib
 import json
@@ -32,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmscalpel.core.clock import utc_now
 from lmscalpel.core.files import atomic_write_json, discard_folder, fsync_path
 from lmscalpel.models.fingerprint import tensor_digest
 from lmscalpel.models.loaded import LoadedModel
@@ -52,7 +52,7 @@ class JournalError(RuntimeError):
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return utc_now("milliseconds")
 
 
 def folder_digest(folder: Path) -> str:

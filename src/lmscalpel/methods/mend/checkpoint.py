@@ -9,7 +9,6 @@ fingerprint is refused.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmscalpel.core.clock import utc_now
 from lmscalpel.core.config import ConfigError
 from lmscalpel.core.files import atomic_folder, recover_folder, replaceable
 from lmscalpel.core.version import __version__
@@ -56,7 +56,7 @@ def save_editor(
         "format_version": FORMAT_VERSION,
         "method": "mend",
         "lmscalpel_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "model_name": lm.name,
         "model_type": lm.model_type,
         "model_fingerprint": lm.fingerprint,
