@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -164,8 +165,9 @@ def friendly(command: Callable) -> Callable:
 
 
 def _setup_logging(verbose: bool) -> None:
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 logs progress
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
@@ -227,9 +229,12 @@ def load(model: str | None, chat: bool = False, **options: Any):
     keywords; default the root's ``--trust-remote-code``, ``--allow-pickle``, ``--device``,
     ``--dtype`` and ``--device-map``)."""
     from lmscalpel.models import load_model
+    from lmscalpel.runtime.distributed import rank_device
 
+    chosen = {**LOAD_OPTIONS, **options}
+    chosen["device"] = rank_device(chosen["device"])  # under torchrun: one GPU per process
     with console.status(f"loading {model or 'the embedded model'}..."):
-        return load_model(model, chat=chat, **{**LOAD_OPTIONS, **options})
+        return load_model(model, chat=chat, **chosen)
 
 
 def overrides(values: list[str] | None) -> dict[str, Any]:

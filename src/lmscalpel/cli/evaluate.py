@@ -1,4 +1,8 @@
-"""``eval`` and ``compare``: evaluate methods on a benchmark beside the unedited model."""
+"""``eval`` and ``compare``: evaluate methods on a benchmark beside the unedited model.
+
+``torchrun --nproc-per-node N -m lmscalpel eval ...`` shards the cases of the single and batch
+protocols among N processes (:mod:`lmscalpel.evaluation.runner`); rank 0 writes the run folder
+and prints."""
 
 from __future__ import annotations
 
@@ -109,6 +113,9 @@ def evaluate_command(
 
     from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, console_table, read_dataset
     from lmscalpel.methods.config_files import method_configs
+    from lmscalpel.runtime.distributed import is_rank_zero
+
+    shown = is_rank_zero()  # under torchrun every rank evaluates its share, rank 0 reports
 
     started = time.perf_counter()
     try:
@@ -132,7 +139,7 @@ def evaluate_command(
     sets = overrides(set_)
     dataset = read_dataset(data, layout)
     cases = dataset.select(n, start=start, seed=seed)
-    if dataset.problems:
+    if dataset.problems and shown:
         console.print(
             f"[yellow]{len(dataset.problems)} malformed record(s) of {data} skipped[/yellow] "
             f"(first: {dataset.problems[0]})"
@@ -146,10 +153,11 @@ def evaluate_command(
         tag += (f"-from{start}" if start else "") + (f"-seed{seed}" if seed is not None else "")
         out = Path("runs") / tag
     per_call = f", {batch_size} per editor call" if batch_size and protocol != "single" else ""
-    console.print(
-        f"evaluating {', '.join(methods)} on {len(cases)} {dataset.layout} case(s) of {data} "
-        f"({protocol} protocol{per_call}) -> {out}"
-    )
+    if shown:
+        console.print(
+            f"evaluating {', '.join(methods)} on {len(cases)} {dataset.layout} case(s) of {data} "
+            f"({protocol} protocol{per_call}) -> {out}"
+        )
     summary = compare(
         lm,
         cases,
@@ -164,6 +172,8 @@ def evaluate_command(
             "malformed_records": [str(p) for p in dataset.problems],
         },
     )
+    if not shown:
+        return
     if not console.is_terminal:
         console.width = max(console.width, 200)
     console.print(console_table(summary))

@@ -1,5 +1,8 @@
 """``stats``: key statistics C = E[k kᵀ] — computed once and cached (``stats``), exported as a
-shareable bundle (``stats export``), imported from one (``stats import``)."""
+shareable bundle (``stats export``), imported from one (``stats import``).
+
+``torchrun --nproc-per-node N -m lmscalpel stats ...`` shares the pass among N processes
+(:mod:`lmscalpel.runtime.distributed`); rank 0 writes the cache and prints."""
 
 from __future__ import annotations
 
@@ -71,11 +74,14 @@ def stats(
     import time
 
     from lmscalpel.mechanics.stats import key_statistics
+    from lmscalpel.runtime.distributed import is_rank_zero
 
     lm = load(model, **placement(device, dtype))
     layer, default_samples = _rome_layer(lm, layer)
     start = time.perf_counter()
     result = key_statistics(lm, layer, corpus, samples or default_samples)
+    if not is_rank_zero():  # under torchrun: every rank took part, rank 0 reports
+        return
     console.print(
         f"layer {layer}: C = E[k kᵀ] ({result.moment.shape[0]}×{result.moment.shape[1]}) over "
         f"{result.count} tokens of {result.corpus} in {time.perf_counter() - start:.1f} s\n"

@@ -31,6 +31,12 @@ plainly):
 Each protocol appends one record per finished case to the run's store as soon as it is done, and
 skips cases already recorded, so a killed run resumes where it stopped. The sequential protocol
 also saves its accumulated edits after every group (see :class:`SequentialState`).
+
+A run may be one process's share of the work (``MethodRun.shard``, set by the sharded evaluation
+of :mod:`lmscalpel.evaluation.runner`): the single and batch protocols then run the editor calls
+whose number is the shard's index modulo its count (:func:`shard_cases`), numbered as in the whole
+run, so that their records equal a lone process's. The sequential protocol cannot be split (each
+edit is made on top of the ones before) and refuses a shard.
 """
 
 from __future__ import annotations
@@ -82,6 +88,9 @@ class MethodRun:
     store: RunStore
     fluency_keys: Collection[str] = frozenset()
     progress: bool = True
+    shard: tuple[int, int] = (0, 1)
+    """(index, count): this process runs the editor calls whose number is ``index`` modulo
+    ``count``; ``pre`` needs only their cases. (0, 1): all of them."""
 
     @property
     def sequence_aware(self) -> bool:
@@ -175,17 +184,46 @@ def _restoring(label: str) -> Iterator[None]:
         raise EvaluationError(f"{label}: {error}") from error
 
 
+def call_size(options: EvalOptions, n_cases: int) -> int:
+    """Cases per editor call of the single or batch protocol under ``options``."""
+    if options.protocol == "single":
+        return 1
+    if options.protocol == "batch":
+        return options.batch_size or max(1, n_cases)
+    raise EvaluationError(f"the {options.protocol} protocol has no independent editor calls")
+
+
+def editor_calls(cases: Sequence[EvalCase], size: int) -> list[list[EvalCase]]:
+    """The cases of each editor call, ``size`` at a time in order (the last call may hold fewer)."""
+    return [list(cases[i : i + size]) for i in range(0, len(cases), size)]
+
+
+def shard_cases(
+    cases: Sequence[EvalCase], options: EvalOptions, shard: tuple[int, int]
+) -> list[EvalCase]:
+    """The cases shard ``(index, count)`` of a single or batch run edits: those of the editor
+    calls whose number is ``index`` modulo ``count`` (whole calls, so a batch stays together)."""
+    index, count = shard
+    calls = editor_calls(cases, call_size(options, len(cases)))
+    return [case for number, call in enumerate(calls) if number % count == index for case in call]
+
+
 def run_batches(run: MethodRun, size: int, what: str | None = None) -> None:
     """Edit ``size`` cases at a time in one editor call on the pristine model, measure them with
-    the patch applied, revert it (the patch verifies its own restoration), record each case."""
+    the patch applied, revert it (the patch verifies its own restoration), record each case.
+    Only the calls of ``run.shard`` are made, numbered as in the whole run."""
     cases = run.cases
-    groups = [list(cases[i : i + size]) for i in range(0, len(cases), size)]
+    groups = editor_calls(cases, size)
+    index, count = run.shard
+    mine = [number for number in range(len(groups)) if number % count == index]
     sink = run.store.cases(run.label)
     done = set(sink.by_key())
     check = _PristineCheck(run.lm, run.label)
-    finished = sum(len(g) for g in groups if all(c.key in done for c in g))
-    with run.bar(len(cases), finished, what or f"batch of {size}") as bar:
-        for number, group in enumerate(groups):
+    finished = sum(len(groups[n]) for n in mine if all(c.key in done for c in groups[n]))
+    total = sum(len(groups[n]) for n in mine)
+    with run.bar(total, finished, what or f"batch of {size}") as bar:
+        for number in mine:
+            group = groups[number]
             if all(c.key in done for c in group):
                 continue
             requests = [r for c in group for r in c.requests]
@@ -217,6 +255,12 @@ def run_batch(run: MethodRun) -> None:
     """``options.batch_size`` cases per editor call (all cases when ``None``), measured together,
     then reverted."""
     run_batches(run, run.options.batch_size or max(1, len(run.cases)))
+
+
+SEQUENTIAL_UNSHARDABLE = (
+    "the sequential protocol cannot be split over several processes (each edit is made on top "
+    "of all the ones before): run it in one process, without torchrun"
+)
 
 
 class SequentialState:
@@ -353,6 +397,8 @@ def run_sequential(run: MethodRun) -> None:
     """Edits accumulate over the cases in order, ``options.batch_size`` cases (default 1) per
     editor call; a retention curve at the checkpoints (see the module docstring)."""
     lm, cases, options, label = run.lm, run.cases, run.options, run.label
+    if run.shard[1] > 1:
+        raise EvaluationError(SEQUENTIAL_UNSHARDABLE)
     size = options.batch_size or 1
     sink, curve = run.store.cases(label), run.store.checkpoints(label)
     recorded = set(sink.by_key())

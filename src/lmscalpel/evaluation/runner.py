@@ -15,15 +15,26 @@
    :mod:`lmscalpel.evaluation.store`), so a killed run started again with the same ``out`` resumes.
 4. The summary (one row per method, the baseline first), a markdown table and PNG plots are
    written atomically.
+
+Under a launch of several processes (``torchrun``; :mod:`lmscalpel.runtime.distributed`) the
+single and batch protocols are sharded: every rank takes every ``world``-th editor call (a batch
+stays whole), measures the baseline of those cases and runs them; rank 0 gathers the records and
+writes the one run folder, as a lone process would have written it (the same files, the same
+order of records); the other ranks keep their records in a temporary folder of their own until
+rank 0 has them. Records reach the run folder after each stage (the baseline, each method) and
+when a stage fails, so a killed distributed run resumes — with any number of processes — from the
+last stage that ended; the work of the interrupted stage is done again. The sequential protocol
+cannot be sharded (each edit builds on the ones before) and is refused under several processes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +50,18 @@ from lmscalpel.evaluation.aggregate import BASELINE, aggregate, case_metrics, re
 from lmscalpel.evaluation.measure import measure, probes_of
 from lmscalpel.evaluation.options import EvalOptions, EvaluationError, comparable_settings
 from lmscalpel.evaluation.plots import plot_metrics, plot_retention
-from lmscalpel.evaluation.protocols import MethodRun, run_protocol
+from lmscalpel.evaluation.protocols import (
+    SEQUENTIAL_UNSHARDABLE,
+    MethodRun,
+    run_protocol,
+    shard_cases,
+)
 from lmscalpel.evaluation.store import RunStore
 from lmscalpel.evaluation.summary import Summary
 from lmscalpel.methods import get_editor
+from lmscalpel.methods.base import Editor
 from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime import distributed
 
 log = logging.getLogger(__name__)
 
@@ -285,70 +303,235 @@ def compare(
     cases, left_out = usable_cases(lm, cases)
     if not cases:
         raise EvaluationError("no case to evaluate")
+    distributed.join(lm.device)
+    sharded = distributed.lockstep()
+    if sharded and options.protocol == "sequential":
+        raise EvaluationError(SEQUENTIAL_UNSHARDABLE)
+    manifest = {
+        "format": "lmscalpel-evaluation",
+        "cases": [c.key for c in cases],
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "chat": lm.chat,
+        "measurement": options.measurement_settings(),
+        "methods": {
+            s.name: {
+                "method": s.method,
+                "protocol": options.protocol,
+                "config": configs[s.name].to_dict(),
+                **_depends_on(editors[s.name], configs[s.name]),
+            }
+            for s in specs
+        },
+    }
+    fluency_keys = {c.key for c in cases[: options.fluency_cases]}
     with tempfile.TemporaryDirectory(prefix="lmscalpel-eval-") as scratch:
-        store = RunStore(out if out is not None else scratch)
-        manifest = {
-            "format": "lmscalpel-evaluation",
-            "cases": [c.key for c in cases],
-            "model": lm.name,
-            "model_fingerprint": lm.fingerprint,
-            "chat": lm.chat,
-            "measurement": options.measurement_settings(),
-            "methods": {
-                s.name: {
-                    "method": s.method,
-                    "protocol": options.protocol,
-                    "config": configs[s.name].to_dict(),
-                    **_depends_on(editors[s.name], configs[s.name]),
-                }
-                for s in specs
-            },
-        }
-        _prepare_folder(store, overwrite)
-        _check_manifest(store, manifest, overwrite)
-        store.write_manifest(manifest)
-        fluency_keys = {c.key for c in cases[: options.fluency_cases]}
-        known = reusable_baseline(
-            baseline_from, {**manifest, "out": str(store.root)}, cases, fluency_keys
-        )
-        pre = _baseline(lm, cases, options, store, fluency_keys, progress, known)
-        rows = {BASELINE: aggregate(case_metrics(pre[c.key], None, c.tags) for c in cases)}
-        rows[BASELINE]["n_cases"] = len(cases)
-        retention: dict[str, list[dict[str, float]]] = {}
+        root = Path(out) if out is not None else Path(scratch) / "run"
+        if sharded:
+            run = _ShardedRun(lm, cases, options, root, Path(scratch), fluency_keys, progress)
+            rows, retention, prepared = run.all(
+                editors, configs, manifest, overwrite, baseline_from
+            )
+            store = run.store  # (None but on rank 0, the only one that writes the summary)
+        else:
+            store = RunStore(root)
+            _prepare_folder(store, overwrite)
+            _check_manifest(store, manifest, overwrite)
+            store.write_manifest(manifest)
+            known = reusable_baseline(
+                baseline_from, {**manifest, "out": str(store.root)}, cases, fluency_keys
+            )
+            pre = _baseline(lm, cases, options, store, fluency_keys, progress, known)
+            rows = {BASELINE: _baseline_row(cases, pre)}
+            retention = {}
+            prepared = {}
+            for spec in specs:
+                label = spec.name
+                clock = time.perf_counter()  # one-time work (statistics ...), outside edit times
+                editors[label].prepare(lm, configs[label])
+                prepared[label] = time.perf_counter() - clock
+                run = MethodRun(lm, editors[label], configs[label], label, cases, pre, options,
+                                store, frozenset(fluency_keys), progress)  # fmt: skip
+                run_protocol(run)
+                rows[label], curve = _method_row(store, label, cases, options.protocol)
+                if options.protocol == "sequential":
+                    retention[label] = curve
+                    store.clear_state(label)  # the saved edits only serve a resume
+
+        def finish() -> Summary:
+            summary = Summary(
+                rows=rows,
+                protocol=options.protocol,
+                n_cases=len(cases),
+                batch_size=min(options.group_size or len(cases), len(cases)),
+                retention=retention,
+                info={
+                    **(info or {}),
+                    "model": lm.name,
+                    "model_fingerprint": lm.fingerprint,
+                    "options": options.to_dict(),
+                    "methods": manifest["methods"],
+                    "left_out_cases": left_out,
+                    "prepare_seconds": prepared,
+                    "out": str(out) if out is not None else None,
+                    "wall_seconds": time.perf_counter() - started,
+                    **({"processes": distributed.world_size()} if sharded else {}),
+                },
+            )
+            if out is not None:
+                write_outputs(summary, store)
+            return summary
+
+        # sharded: rank 0 writes the summary, and every rank returns it
+        return distributed.on_rank_zero(finish) if sharded else finish()
+
+
+def _baseline_row(cases: Sequence[EvalCase], pre: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    row = aggregate(case_metrics(pre[c.key], None, c.tags) for c in cases)
+    row["n_cases"] = len(cases)
+    return row
+
+
+class _ShardedRun:
+    """One rank's part of a sharded evaluation (see the module docstring): its cases
+    (:func:`~lmscalpel.evaluation.protocols.shard_cases`), its records kept in a scratch folder
+    of its own until gathered; on rank 0 also the run folder at ``root`` (``store``), which only
+    rank 0 opens."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cases: Sequence[EvalCase],
+        options: EvalOptions,
+        root: Path,
+        scratch: Path,
+        fluency_keys: set[str],
+        progress: bool,
+    ) -> None:
+        self.lm, self.cases, self.options = lm, list(cases), options
+        self.fluency_keys = fluency_keys
+        self.shard = (distributed.rank(), distributed.world_size())
+        self.mine = shard_cases(cases, options, self.shard)
+        self.lead = self.shard[0] == 0
+        self.progress = progress and self.lead
+        self.store = RunStore(root) if self.lead else None
+        self.own = RunStore(scratch / f"rank-{self.shard[0]}")
+        self.position = {c.key: i for i, c in enumerate(cases)}
+
+    def all(
+        self,
+        editors: dict[str, Editor],
+        configs: dict[str, MethodConfig],
+        manifest: dict[str, Any],
+        overwrite: bool,
+        baseline_from: Sequence[str | Path],
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, list], dict[str, float]]:
+        """The baseline, then each method: the rows (rank 0; empty elsewhere), the retention
+        curves (none: no sequential protocol here) and this rank's preparation seconds."""
+        pre = self.baseline(manifest, overwrite, baseline_from)
+        rows = {BASELINE: _baseline_row(self.cases, pre)} if self.lead else {}
         prepared: dict[str, float] = {}
-        for spec in specs:
-            label = spec.name
-            clock = time.perf_counter()  # one-time work (statistics ...), outside edit times
-            editors[label].prepare(lm, configs[label])
+        for label, editor in editors.items():
+            clock = time.perf_counter()
+            editor.prepare(self.lm, configs[label])  # collective: the ranks share the statistics
             prepared[label] = time.perf_counter() - clock
-            run = MethodRun(lm, editors[label], configs[label], label, cases, pre, options,
-                            store, frozenset(fluency_keys), progress)  # fmt: skip
-            run_protocol(run)
-            rows[label], curve = _method_row(store, label, cases, options.protocol)
-            if options.protocol == "sequential":
-                retention[label] = curve
-                store.clear_state(label)  # the saved edits only serve a resume
-        summary = Summary(
-            rows=rows,
-            protocol=options.protocol,
-            n_cases=len(cases),
-            batch_size=min(options.group_size or len(cases), len(cases)),
-            retention=retention,
-            info={
-                **(info or {}),
-                "model": lm.name,
-                "model_fingerprint": lm.fingerprint,
-                "options": options.to_dict(),
-                "methods": manifest["methods"],
-                "left_out_cases": left_out,
-                "prepare_seconds": prepared,
-                "out": str(out) if out is not None else None,
-                "wall_seconds": time.perf_counter() - started,
-            },
+            self.method(label, editor, configs[label], pre)
+            rows[label] = distributed.on_rank_zero(functools.partial(self._row, label))
+        return rows, {}, prepared
+
+    def _row(self, label: str) -> dict[str, Any]:
+        assert self.store is not None
+        return _method_row(self.store, label, self.cases, self.options.protocol)[0]
+
+    def _open(
+        self, manifest: dict[str, Any], overwrite: bool, baseline_from: Sequence[str | Path]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Rank 0: the folder checked and its manifest written, as for a lone process; the
+        unedited measurements of this run's cases it holds already, and those other folders
+        lend (:func:`reusable_baseline`)."""
+        assert self.store is not None
+        _prepare_folder(self.store, overwrite)
+        _check_manifest(self.store, manifest, overwrite)
+        self.store.write_manifest(manifest)
+        held = self.store.baseline.by_key()
+        stored = {k: held[k]["pre"] for k in self.position if k in held}
+        root = str(self.store.root)
+        known = reusable_baseline(
+            baseline_from, {**manifest, "out": root}, self.cases, self.fluency_keys
         )
-        if out is not None:
-            write_outputs(summary, store)
-    return summary
+        return stored, known
+
+    def baseline(
+        self, manifest: dict[str, Any], overwrite: bool, baseline_from: Sequence[str | Path]
+    ) -> dict[str, dict[str, Any]]:
+        """Each rank measures its own cases unedited; rank 0 stores them all, in a lone process's
+        order (lent measurements first, then the new ones, each in case order). Returns the
+        measurements this rank needs (rank 0: every case's)."""
+        stored, known = distributed.on_rank_zero(
+            lambda: self._open(manifest, overwrite, baseline_from)
+        )
+        ready = {**known, **stored}
+        given = {c.key: ready[c.key] for c in self.mine if c.key in ready}
+        failure = _attempt(lambda: self._measure_unedited(given))
+        fresh = {k: r["pre"] for k, r in self.own.baseline.by_key().items() if k not in ready}
+        parts = distributed.gather_to_rank_zero(fresh)
+        measured = {k: v for part in parts or [] for k, v in part.items()}
+        if self.store is not None:
+            sink = self.store.baseline
+            lent = [c.key for c in self.cases if c.key in known and c.key not in stored]
+            new = [c.key for c in self.cases if c.key in measured]
+            records = [*({"key": k, "pre": known[k]} for k in lent),
+                       *({"key": k, "pre": measured[k]} for k in new)]  # fmt: skip
+            failure = failure or _attempt(lambda: [sink.append(r) for r in records])
+        distributed.raise_if_failed_anywhere(failure)
+        return {**ready, **fresh, **measured}
+
+    def _measure_unedited(self, given: dict[str, dict[str, Any]]) -> None:
+        _baseline(self.lm, self.mine, self.options, self.own, self.fluency_keys, self.progress,
+                  given)  # fmt: skip
+
+    def method(
+        self, label: str, editor: Editor, config: MethodConfig, pre: dict[str, dict[str, Any]]
+    ) -> None:
+        """Each rank runs its editor calls (records of a resumed run's finished cases are handed
+        to it first, so they are skipped); rank 0 appends the new records in case order."""
+        keys = set(self.position)
+
+        def finished() -> dict[str, dict[str, Any]]:
+            assert self.store is not None
+            return {k: r for k, r in self.store.cases(label).by_key().items() if k in keys}
+
+        done = distributed.on_rank_zero(finished)
+        sink = self.own.cases(label)
+        for case in self.mine:
+            if case.key in done:
+                sink.append(done[case.key])
+        run = MethodRun(self.lm, editor, config, label, self.cases, pre, self.options, self.own,
+                        frozenset(self.fluency_keys), self.progress, self.shard)  # fmt: skip
+
+        def protocol() -> None:
+            with distributed.independently():  # separate edits: no collective step inside
+                run_protocol(run)
+
+        failure = _attempt(protocol)
+        fresh = [r for r in sink.read() if done.get(r["key"]) != r]
+        parts = distributed.gather_to_rank_zero(fresh)
+        if self.store is not None:
+            records = sorted((r for part in parts or [] for r in part),
+                             key=lambda r: self.position[r["key"]])  # fmt: skip
+            target = self.store.cases(label)
+            failure = failure or _attempt(lambda: [target.append(r) for r in records])
+        distributed.raise_if_failed_anywhere(failure)
+
+
+def _attempt(step: Callable[[], Any]) -> Exception | None:
+    """Run ``step``; the error it raised, or None (a rank's failure is raised on every rank once
+    the records it finished are safe)."""
+    try:
+        step()
+    except Exception as error:
+        return error
+    return None
 
 
 def evaluate(

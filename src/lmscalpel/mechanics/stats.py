@@ -19,6 +19,15 @@ Corpora (:func:`resolve_corpus`):
 * a Hugging Face dataset on this machine (:class:`HFDatasetCorpus`, the ``hf`` extra): a folder
   written by ``save_to_disk``, or ``hf:NAME[:CONFIG][@SPLIT]`` from the local datasets cache
   (downloads are switched off), its ``text`` column.
+
+Under a launch of several processes (``torchrun``; :mod:`lmscalpel.runtime.distributed`) the
+statistics are accumulated data-parallel over exactly the tokens one process would take: rank 0
+lists the rows up to the ``samples``-th token (the last row cut there) and hands the list to every
+rank, each rank streams every ``world``-th row, and the float64 sums and the counts are added up
+over the ranks; rank 0 writes the cache file while the others wait. For the ``"model"`` corpus the
+ranks first sample the chunks the statistics need at least, each its own share (chunk ``i`` on
+rank ``i mod world``, one cache file each: no two ranks write the same file); the rare extra chunk
+(when sampled text ended early) is sampled by rank 0 while it lists the rows.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +51,7 @@ from lmscalpel.core.config import ConfigError
 from lmscalpel.models.adapter import module_of
 from lmscalpel.models.fingerprint import tensor_digest
 from lmscalpel.models.loaded import LoadedModel
+from lmscalpel.runtime import distributed
 from lmscalpel.runtime.hooks import Tap, tap
 from lmscalpel.runtime.kv import run_body
 from lmscalpel.scoring import pad_token_id, right_padded
@@ -72,6 +83,13 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no keys were added")
         return self.sum / self.count
+
+    def reduce_over_ranks(self) -> None:
+        """Replace this process's sum and count by their totals over all processes (collective;
+        nothing to do in a lone process)."""
+        distributed.all_reduce_sum(self.sum)
+        count = torch.tensor([self.count], dtype=torch.int64)
+        self.count = int(distributed.all_reduce_sum(count).item())
 
 
 # ---- corpora ---------------------------------------------------------------------------------
@@ -274,6 +292,16 @@ class SampledCorpus:
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
             )
         return TensorFile({"tokens": out[:, 1:].to("cpu", torch.int32).contiguous()})
+
+    def chunks_needed(self, samples: int) -> int:
+        """The chunks ``samples`` tokens take at least (a chunk holds at most ``chunk`` ·
+        ``length`` of them; fewer when a sampled special token ends a sequence early)."""
+        return math.ceil(samples / (self.chunk * self.length))
+
+    def sample_chunks(self, lm: LoadedModel, indices: Iterable[int]) -> None:
+        """Sample (and cache) the chunks ``indices`` that are not cached yet."""
+        for index in indices:
+            self._chunk(lm, index)
 
     def rows(self, lm: LoadedModel, max_length: int) -> Iterator[list[int]]:
         special = set(lm.tokenizer.all_special_ids)
@@ -504,10 +532,17 @@ def input_statistics(
 ) -> dict[str, KeyStatistics]:
     """The second moment of the inputs of each named weight matrix over ``samples`` tokens of
     ``corpus``: from the cache where it is there, the missing ones together in one streamed pass
-    (up to the highest of their layers), then cached one file per weight."""
+    (up to the highest of their layers), then cached one file per weight.
+
+    Collective under a launch of several processes (see the module docstring): every rank calls
+    it, the ranks share the pass, and every rank returns the same statistics. The ranks must see
+    the same cache (one machine, or a shared file system); a weight missing on any rank is
+    computed by all."""
     if samples < 1:
         raise ConfigError(f"statistics need at least one sample, got {samples}")
     source = resolve_corpus(corpus)
+    distributed.join(lm.device)
+    shared = distributed.lockstep()
     found: dict[str, KeyStatistics] = {}
     for weight in weights:
         key = _statistics_key(lm, weight, source, samples)
@@ -516,10 +551,15 @@ def input_statistics(
             found[weight] = stored
             log.debug("statistics cache hit: %s", STATISTICS.path(key))
     missing = [w for w in dict.fromkeys(weights) if w not in found]
+    if shared:  # what any rank lacks, all compute (each must take part in the pass)
+        anywhere = {w for lacking in distributed.all_gather(missing) for w in lacking}
+        missing = [w for w in dict.fromkeys(weights) if w in anywhere]
     if not missing:
         return found
     log.info("computing input statistics of %s over %d tokens of %s", missing, samples, source.id)
-    accumulators = _accumulate(lm, missing, source, samples, batch_size, max_length, progress)
+    accumulate = _accumulate_shared if shared else _accumulate
+    accumulators = accumulate(lm, missing, source, samples, batch_size, max_length, progress)
+    computed: dict[str, KeyStatistics] = {}
     for weight, accumulator in accumulators.items():
         if accumulator.count < samples:
             log.warning(
@@ -540,10 +580,19 @@ def input_statistics(
             "max_length": str(max_length),
         }
         key = _statistics_key(lm, weight, source, samples)
-        found[weight] = KeyStatistics(
+        computed[weight] = KeyStatistics(
             moment, accumulator.count, layer, source.id, STATISTICS.path(key), weight, metadata
         )
-        STATISTICS.save(key, found[weight])
+
+    def save() -> None:
+        for weight, statistics in computed.items():
+            STATISTICS.save(_statistics_key(lm, weight, source, samples), statistics)
+
+    if shared:  # one writer; the others wait until the files are whole
+        distributed.on_rank_zero(save)
+    else:
+        save()
+    found.update(computed)
     return found
 
 
@@ -556,27 +605,91 @@ def _accumulate(
     max_length: int,
     progress: bool,
 ) -> dict[str, SecondMoment]:
-    modules = {weight: module_of(weight) for weight in weights}
-    accumulators = {w: SecondMoment(lm.adapter.matrix_shape(w)[1]) for w in weights}
+    """One process's pass: the corpus streamed in batches until ``samples`` tokens (the last
+    batch cut there)."""
+    pass_ = _Pass(lm, weights)
     rows = corpus.rows(lm, max_length)
-    layers = sorted({lm.adapter.layer_of(w) for w in weights})
-    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
     count = 0
-    with tqdm(
-        total=samples, unit="tok", desc=f"input statistics, {what}", disable=not progress
-    ) as bar:
+    with pass_.bar(samples, progress) as bar:
         while count < samples:
             batch = [row for _, row in zip(range(batch_size), rows)]
             if not batch:
                 break
-            ids, mask = right_padded(lm, batch)
-            taps = dict.fromkeys(set(modules.values()), Tap(input=True))
-            with torch.no_grad(), tap(lm.model, taps, stop=True) as seen:
-                run_body(lm, ids, mask)
-            valid = mask.bool()
-            taken = min(int(valid.sum()), samples - count)
-            for weight, module in modules.items():
-                accumulators[weight].add(seen[module].input[valid][:taken])
+            taken = pass_.add(batch, limit=samples - count)
             count += taken
             bar.update(taken)
-    return accumulators
+    return pass_.accumulators
+
+
+def planned_rows(corpus: Corpus, lm: LoadedModel, samples: int, max_length: int) -> list[list[int]]:
+    """The rows whose tokens :func:`_accumulate` takes, in order: whole rows up to the
+    ``samples``-th token, the last one cut there (a causal model's keys of a row's first tokens
+    do not depend on the tokens after them)."""
+    plan: list[list[int]] = []
+    count = 0
+    for row in corpus.rows(lm, max_length):
+        if count >= samples:
+            break
+        plan.append(row[: samples - count])
+        count += len(plan[-1])
+    return plan
+
+
+def _accumulate_shared(
+    lm: LoadedModel,
+    weights: Sequence[str],
+    corpus: Corpus,
+    samples: int,
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+) -> dict[str, SecondMoment]:
+    """The ranks' shared pass (collective): rank 0 plans the rows (:func:`planned_rows`), each
+    rank streams its shard of them, the sums and counts are added up over the ranks."""
+    if isinstance(corpus, SampledCorpus):  # each rank samples its share of the chunks first
+        needed = range(corpus.chunks_needed(samples))
+        distributed.together(lambda: corpus.sample_chunks(lm, distributed.shard(needed)))
+    plan = distributed.on_rank_zero(lambda: planned_rows(corpus, lm, samples, max_length))
+    mine = distributed.shard(plan)
+    pass_ = _Pass(lm, weights)
+
+    def stream() -> None:
+        show = progress and distributed.rank() == 0
+        with pass_.bar(sum(map(len, mine)), show) as bar:
+            for start in range(0, len(mine), batch_size):
+                bar.update(pass_.add(mine[start : start + batch_size]))
+
+    distributed.together(stream)
+    for accumulator in pass_.accumulators.values():
+        accumulator.reduce_over_ranks()
+    return pass_.accumulators
+
+
+class _Pass:
+    """The keys of ``weights`` over batches of rows: one forward pass per batch, stopped after
+    the highest of their layers, each weight's inputs at the real (unpadded) tokens added to its
+    :class:`SecondMoment`."""
+
+    def __init__(self, lm: LoadedModel, weights: Sequence[str]) -> None:
+        self.lm = lm
+        self.modules = {weight: module_of(weight) for weight in weights}
+        self.accumulators = {w: SecondMoment(lm.adapter.matrix_shape(w)[1]) for w in weights}
+        layers = sorted({lm.adapter.layer_of(w) for w in weights})
+        self.what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+
+    def bar(self, total: int, show: bool) -> tqdm:
+        return tqdm(total=total, unit="tok", desc=f"input statistics, {self.what}",
+                    disable=not show)  # fmt: skip
+
+    def add(self, batch: list[list[int]], limit: int | None = None) -> int:
+        """Add the keys of ``batch``'s tokens, row after row, at most ``limit`` of them; returns
+        how many were added."""
+        ids, mask = right_padded(self.lm, batch)
+        taps = dict.fromkeys(set(self.modules.values()), Tap(input=True))
+        with torch.no_grad(), tap(self.lm.model, taps, stop=True) as seen:
+            run_body(self.lm, ids, mask)
+        valid = mask.bool()
+        taken = int(valid.sum()) if limit is None else min(int(valid.sum()), limit)
+        for weight, module in self.modules.items():
+            self.accumulators[weight].add(seen[module].input[valid][:taken])
+        return taken

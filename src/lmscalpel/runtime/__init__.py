@@ -6,5 +6,6 @@
   upward given the hidden state entering it (accelerate's hooks stay intact);
 * :mod:`.kv` — the only module that speaks transformers' key/value-cache API, and the
   shared-prefix trick (:func:`~.kv.run_prefix`, :func:`~.kv.run_after`);
-* :mod:`.stream` — the recorded residual stream and its replay check, built on the three above.
+* :mod:`.stream` — the recorded residual stream and its replay check, built on the three above;
+* :mod:`.distributed` — several processes on one job (torchrun): rank, shard, all-reduce, gather.
 """
