@@ -77,7 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=None,
                         help="at most this many cases in every run (reduced run)")  # fmt: skip
     parser.add_argument("--batch-n", type=int, default=1000, help="cases of the batch runs")
-    parser.add_argument("--sizes", default="1,10,100,1000", help="batch sizes of the batch runs")
+    parser.add_argument(
+        "--sizes",
+        default="1,10,100,1000",
+        help="batch sizes of the batch runs; SIZE:N runs that size on the first N "
+        "cases instead of --batch-n (batch 1 on 1,000 cases is 1,000 edits)",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="launch nothing: write the results from the run folders there are",
+    )
     parser.add_argument("--seq-n", type=int, default=2000, help="cases of sequential-100")
     parser.add_argument("--seq-batch", type=int, default=100, help="cases per call, sequential")
     parser.add_argument("--single-n", type=int, default=1000, help="cases of sequential-1")
@@ -113,8 +123,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
             methods(GROUP_METHODS), cap(args.seq_n)),
         Run("sequential-1", "sequential", 1, methods(SINGLE_METHODS), cap(args.single_n)),
     ]  # fmt: skip
-    for size in (int(s) for s in args.sizes.split(",") if s.strip()):
-        n = cap(args.batch_n)
+    for item in (s.strip() for s in args.sizes.split(",") if s.strip()):
+        size, _, cases = item.partition(":")
+        size, n = int(size), cap(int(cases) if cases else args.batch_n)
         runs.append(Run(f"batch-{size}", "batch", size, methods(BATCH_METHODS), n))
     if args.only:
         wanted = {w.strip() for w in args.only.split(",") if w.strip()}
@@ -208,20 +219,27 @@ def tail(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def summaries(args: argparse.Namespace, runs: list[Run]) -> dict[str, dict]:
+def summaries(args: argparse.Namespace) -> dict[str, dict]:
+    """Every finished run folder under ``--runs`` (``<run>-n<cases>``: this invocation's and
+    earlier ones', e.g. a batch of 1 on fewer cases), by folder name, smallest runs first."""
     out = {}
-    for run in runs:
-        path = args.runs / run.folder / "summary.json"
-        if path.is_file():
-            out[run.name] = json.loads(path.read_text())
-    return out
+    for path in sorted(args.runs.glob("*-n*/summary.json")):
+        data = json.loads(path.read_text())
+        out[path.parent.name] = data
+    return dict(sorted(out.items(), key=lambda item: folder_order(item[0])))
 
 
-def target_checks(found: dict[str, dict], runs: list[Run], args: argparse.Namespace) -> list[dict]:
+def folder_order(folder: str) -> tuple[int, int, int]:
+    """Sequential runs first, then batch runs by size; each by case count."""
+    name, _, cases = folder.rpartition("-n")
+    kind, _, size = name.rpartition("-")
+    return (0 if kind == "sequential" else 1, int(size) if size.isdigit() else 0, int(cases))
+
+
+def target_checks(found: dict[str, dict], args: argparse.Namespace) -> list[dict]:
     """Each target of the issue: what was measured, met / not met / not measured, and whether the
     run was the issue's (full size). A reduced benchmark without a batch of 1,000 (or of 100)
     checks the batch targets on its largest batch (or the one nearest 100), marked reduced."""
-    by_name = {r.name: r for r in runs}
     sizes = sorted(d["batch_size"] for d in found.values() if d["protocol"] == "batch")
     big = f"batch-{sizes[-1]}" if sizes and 1000 not in sizes else "batch-1000"
     near = min(sizes, key=lambda b: abs(b - 100)) if sizes else 100
@@ -230,14 +248,20 @@ def target_checks(found: dict[str, dict], runs: list[Run], args: argparse.Namesp
     full = {"batch-1000": 1000, "batch-100": 1000, "sequential-100": 2000, "sequential-1": 1000}
     checks = []
 
+    chosen: dict[str, int] = {}  # the case count of the folder each run's last row came from
+
     def row(run: str, method: str) -> tuple[dict | None, dict | None]:
-        data = found.get(run)
-        if data is None or method not in data["rows"]:
+        """The method's row of the largest folder of ``run`` that has it."""
+        folders = [(int(f.rpartition("-n")[2]), d) for f, d in found.items()
+                   if f.rpartition("-n")[0] == run and method in d["rows"]]  # fmt: skip
+        if not folders:
             return None, None
+        n, data = max(folders, key=lambda item: item[0])
+        chosen[run] = n
         return data["rows"][method], data["rows"]["unedited"]
 
     def add(target: str, run: str, measured: str | None, met: bool | None) -> None:
-        size = by_name[run].n if run in by_name else None
+        size = chosen.get(run)
         checks.append({
             "target": target,
             "run": run,
@@ -310,15 +334,15 @@ def pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def write_results(args: argparse.Namespace, runs: list[Run], failed: dict[str, str]) -> dict:
+def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
     from lmscalpel.evaluation import Summary
     from lmscalpel.evaluation.plots import plot_curves, plot_retention
     from lmscalpel.evaluation.report import columns, describe, fmt, header, retention_tables
     from records import machine, run_header
 
-    found = summaries(args, runs)
+    found = summaries(args)
     args.results.mkdir(parents=True, exist_ok=True)
-    checks = target_checks(found, runs, args)
+    checks = target_checks(found, args)
     lines = [
         "# Mass and lifelong editing: MEMIT, AlphaEdit, ROME on the embedded model", "",
         f"CounterFact `{args.data.name}`, the first cases; written by "
@@ -337,7 +361,12 @@ def write_results(args: argparse.Namespace, runs: list[Run], failed: dict[str, s
         if summary.retention:
             lines += [retention_tables(summary)]
             plot_retention(summary, args.results / f"mass_lifelong_{name}.png")
-    batch = {n: d for n, d in found.items() if d["protocol"] == "batch"}
+    batch: dict[int, dict] = {}  # per batch size, its largest run
+    for data in found.values():
+        if data["protocol"] == "batch":
+            size = data["batch_size"]
+            if size not in batch or data["n_cases"] > batch[size]["n_cases"]:
+                batch[size] = data
     if batch:
         curves: dict[str, list[dict]] = {}
         for data in sorted(batch.values(), key=lambda d: d["batch_size"]):
@@ -347,7 +376,9 @@ def write_results(args: argparse.Namespace, runs: list[Run], failed: dict[str, s
         first = next(iter(batch.values()))
         plot_curves(curves, args.results / "mass_lifelong_batch.png", x="batch_size",
                     xlabel="requests per editor call", baseline=first["rows"]["unedited"],
-                    title=f"Batch editing, {first['n_cases']} cases")  # fmt: skip
+                    title="Batch editing, " + ", ".join(
+                        f"b{b}: {d['n_cases']} cases" for b, d in sorted(batch.items())
+                    ))  # fmt: skip
     lines += ["## Targets (issue 12)", "", "| target | run | measured | met |", "|---|---|---|---|"]
     for check in checks:
         verdict = {True: "met", False: "not met", None: "not measured"}[check["met"]]
@@ -419,8 +450,8 @@ def main(argv: list[str] | None = None) -> None:
             f"no data at {args.data}: the shared data folder belongs beside the project"
         )
     args.load_before = os.getloadavg()
-    failed = launch(args, runs)
-    write_results(args, runs, failed)
+    failed = {} if args.report else launch(args, runs)
+    write_results(args, failed)
 
 
 if __name__ == "__main__":

@@ -475,26 +475,43 @@ def test_benchmark_plans_the_issues_runs_and_reduces_them():
         ("batch-1", 50, ("memit",)),
         ("batch-10", 50, ("memit",)),
     ]  # batch 100 > 50 cases: left out
+    sized = bench.plan(bench.parse_args(["--sizes", "1:50,1000", "--only", "batch"]))
+    assert [(r.name, r.n, r.folder) for r in sized] == [
+        ("batch-1", 50, "batch-1-n50"),  # SIZE:N: that size on the first N cases
+        ("batch-1000", 1000, "batch-1000-n1000"),
+    ]
+
+
+def test_benchmark_reads_every_run_folder_smallest_runs_first(tmp_path):
+    bench = benchmark()
+    for folder in ("batch-1000-n1000", "batch-10-n100", "sequential-1-n50", "sequential-1-n1000"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "summary.json").write_text(f'{{"name": "{folder}"}}')
+    (tmp_path / "batch-100-n100").mkdir()  # unfinished: no summary
+    found = bench.summaries(bench.parse_args(["--runs", str(tmp_path)]))
+    assert list(found) == ["sequential-1-n50", "sequential-1-n1000", "batch-10-n100",
+                           "batch-1000-n1000"]  # fmt: skip
+    assert found["batch-10-n100"] == {"name": "batch-10-n100"}
 
 
 def test_benchmark_checks_the_targets_and_says_what_was_not_measured():
     bench = benchmark()
     args = bench.parse_args(["--n", "500"])
-    runs = bench.plan(args)
     base = {"ES": 0.2, "PS": 0.2, "NS": 0.8, "fluency": 5.0}
 
     def run(protocol, size, **rows):
         return {"protocol": protocol, "batch_size": size, "rows": {"unedited": base, **rows}}
 
-    found = {
-        "batch-1000": run("batch", 1000, memit={"ES": 0.97, "PS": 0.85, "NS": 0.71,
-                                                "peak_memory_mb": 2000.0}),
-        "batch-100": run("batch", 100, memit={"seconds_per_edit": 0.5},
-                         alphaedit={"seconds_per_edit": 2.0}),
-        "sequential-1": run("sequential", 1, rome={"ES": 0.5, "seconds_per_edit": 4.0},
-                            alphaedit={"ES": 0.9}),
+    found = {  # run folders, <run>-n<cases>
+        "batch-1000-n500": run("batch", 1000, memit={"ES": 0.97, "PS": 0.85, "NS": 0.71,
+                                                     "peak_memory_mb": 2000.0}),
+        "batch-100-n500": run("batch", 100, memit={"seconds_per_edit": 0.5},
+                              alphaedit={"seconds_per_edit": 2.0}),
+        "sequential-1-n500": run("sequential", 1, alphaedit={"ES": 0.9}),
+        "sequential-1-n50": run("sequential", 1, rome={"ES": 0.5, "seconds_per_edit": 4.0},
+                                alphaedit={"ES": 0.1}),
     }  # fmt: skip
-    checks = {c["target"]: c for c in bench.target_checks(found, runs, args)}
+    checks = {c["target"]: c for c in bench.target_checks(found, args)}
     memit = "MEMIT, one batch of 1,000: "
     assert checks[memit + "ES >= 95"]["met"] is True
     assert checks[memit + "NS >= unedited - 8"]["met"] is False  # 71 < 80 - 8
@@ -502,15 +519,16 @@ def test_benchmark_checks_the_targets_and_says_what_was_not_measured():
     assert checks["AlphaEdit, one batch of 1,000: peak memory <= 3 GB"]["met"] is None
     speed = " at batch 100: seconds per edit <= 1/4 of ROME's single edit"
     assert checks["MEMIT" + speed]["met"] is True and checks["AlphaEdit" + speed]["met"] is False
-    assert checks["AlphaEdit, 1,000 one at a time: ES >= 85 over all edits at the end"]["met"]
+    one_at_a_time = checks["AlphaEdit, 1,000 one at a time: ES >= 85 over all edits at the end"]
+    assert one_at_a_time["met"] and one_at_a_time["n"] == 500  # the largest folder with the method
     sequential = [c for c in checks.values() if c["run"] == "sequential-100"]
     assert len(sequential) == 4 and all(c["met"] is None for c in sequential)  # not measured
     assert all(c["full_size"] is False for c in checks.values() if c["n"] is not None)
 
     # a reduced run without a batch of 1,000 checks the batch targets on its largest batch
-    del found["batch-1000"]
-    found["batch-300"] = run("batch", 300, memit={"ES": 0.9, "PS": 0.9, "NS": 0.8})
-    checks = {c["target"]: c for c in bench.target_checks(found, runs, args)}
+    del found["batch-1000-n500"]
+    found["batch-300-n500"] = run("batch", 300, memit={"ES": 0.9, "PS": 0.9, "NS": 0.8})
+    checks = {c["target"]: c for c in bench.target_checks(found, args)}
     assert checks[memit + "ES >= 95"]["run"] == "batch-300"
     assert checks[memit + "ES >= 95"]["met"] is False
 
