@@ -42,7 +42,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -394,13 +393,12 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
     head = run_header(
         "mass_lifelong",
         args.data,
-        SimpleNamespace(n_cases=max((d["n_cases"] for d in found.values()), default=0)),
-        SimpleNamespace(name=info.get("model"), fingerprint=info.get("model_fingerprint")),
-        SimpleNamespace(to_dict=lambda: {
-            m: spec["config"] for d in found.values() for m, spec in d["info"]["methods"].items()
-        }),
-    )  # fmt: skip
-    head["protocol"] = "batch and sequential (see runs)"
+        max((d["n_cases"] for d in found.values()), default=0),
+        info.get("model"),
+        info.get("model_fingerprint"),
+        {m: spec["config"] for d in found.values() for m, spec in d["info"]["methods"].items()},
+        protocol="batch and sequential (see runs)",
+    )
     result = {
         **head,
         "runs": {

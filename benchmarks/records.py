@@ -13,19 +13,35 @@ import torch
 from lmscalpel.core.clock import utc_now
 
 
-def run_header(benchmark: str, data: Path, summary: Any, lm: Any, config: Any) -> dict[str, Any]:
-    """The fields that open a single-protocol benchmark's result: name, date, data file, case
-    count, model and the method's configuration."""
+def run_header(
+    benchmark: str,
+    data: Path,
+    n_cases: int,
+    model: str | None,
+    fingerprint: str | None,
+    config: dict[str, Any],
+    protocol: str = "single",
+) -> dict[str, Any]:
+    """The fields that open a benchmark's result: name, date, data file, case count, protocol,
+    model and the configuration of its method (or of each method)."""
     return {
         "benchmark": benchmark,
         "date": utc_now(),
         "data": str(data.name),
-        "n_cases": summary.n_cases,
-        "protocol": "single",
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "config": config.to_dict(),
+        "n_cases": n_cases,
+        "protocol": protocol,
+        "model": model,
+        "model_fingerprint": fingerprint,
+        "config": config,
     }
+
+
+def header_of(benchmark: str, data: Path, summary: Any, lm: Any, config: Any) -> dict[str, Any]:
+    """:func:`run_header` of a one-method evaluation: its summary, model and config object."""
+    return run_header(
+        benchmark, data, summary.n_cases, lm.name, lm.fingerprint, config.to_dict(),
+        summary.protocol,
+    )  # fmt: skip
 
 
 def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import lmscalpel as ls
 from lmscalpel.evaluation import EvalOptions, evaluate, load_cases
 from lmscalpel.evaluation.store import RunStore
 from lmscalpel.methods import get_editor
-from records import machine, run_header
+from records import header_of, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -148,7 +148,7 @@ def main() -> None:
         )
 
     result = {
-        **run_header("rome", args.data, summary, lm, config),
+        **header_of("rome", args.data, summary, lm, config),
         "rows": summary.rows,
         "edit_seconds": {
             "median": median_seconds,

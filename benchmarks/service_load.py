@@ -41,7 +41,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -459,9 +458,11 @@ def main() -> None:
     result = run_header(
         "service_load",
         DATA,
-        SimpleNamespace(n_cases=len(cases)),
-        lm,
-        ls.get_editor(method).config_for(lm),
+        len(cases),
+        lm.name,
+        lm.fingerprint,
+        ls.get_editor(method).config_for(lm).to_dict(),
+        protocol="service",
     )
     result.update(
         protocol="service load (loopback)",

@@ -43,7 +43,7 @@ from lmscalpel.methods import get_editor, register
 from lmscalpel.methods.rome import ROME, ROMEConfig
 from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.patch import Patch
-from records import machine, run_header
+from records import header_of, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = shared_data_file("counterfact/train.json")
@@ -149,7 +149,7 @@ def main() -> None:
     )
 
     result = {
-        **run_header("value_stop", args.data, summary, lm, config),
+        **header_of("value_stop", args.data, summary, lm, config),
         "default_stop_nll": ValueOptions().stop_nll,
         "values": args.values,
         "rows": summary.rows,

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lmscalpel import EditRequest, LocalityProbe, save_requests
+from lmscalpel.core.config import ConfigError
 from lmscalpel.evaluation import (
     DatasetError,
     load_cases,
@@ -255,8 +256,10 @@ def test_deterministic_subsets(tmp_path):
     assert seeded == [c.case_id for c in load_cases(path, 5, seed=1)]
     assert seeded != [c.case_id for c in load_cases(path, 5, seed=2)]
     assert len(select_cases(load_cases(path), None, start=15)) == 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="number of cases must be >= 0, got -1"):
         select_cases([], -1)
+    with pytest.raises(ConfigError, match=r"\(start\) must be >= 0, got -2"):
+        select_cases([], 3, start=-2)
 
 
 def test_unknown_layout_and_missing_file(tmp_path):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmscalpel.core.config import ConfigError
 from lmscalpel.core.requests import EditRequest
 
 
@@ -82,11 +83,12 @@ def select_cases(
     cases: Sequence[EvalCase], n: int | None = None, *, start: int = 0, seed: int | None = None
 ) -> list[EvalCase]:
     """A deterministic subset: ``cases[start:start + n]``, after a shuffle seeded by ``seed``
-    when one is given (the same seed always picks the same cases)."""
+    when one is given (the same seed always picks the same cases). A negative ``n`` or
+    ``start`` raises :class:`~lmscalpel.core.config.ConfigError` (a ``ValueError``)."""
     if n is not None and n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"the number of cases must be >= 0, got {n}")
     if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
+        raise ConfigError(f"the first case's index (start) must be >= 0, got {start}")
     chosen = list(cases)
     if seed is not None:
         random.Random(seed).shuffle(chosen)
