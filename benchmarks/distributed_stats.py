@@ -33,25 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpora import TRAIN, counterfact_corpus
 from lmscalpel.core.clock import utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT.parent / "shared" / "data" / "counterfact" / "train.json"
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def write_corpus(path: Path) -> Path:
-    """CounterFact train prompts with their true answers, eight records per document (JSONL)."""
-    records = json.loads(TRAIN.read_text())
-    with path.open("w") as handle:
-        for i in range(0, len(records), 8):
-            text = " ".join(
-                f"{r['prompt']} {r['ground_truth']}. {r['rephrase_prompt']} {r['ground_truth']}. "
-                f"{r['locality_prompt']} {r['locality_ground_truth']}."
-                for r in records[i : i + 8]
-            )
-            handle.write(json.dumps({"text": text}) + "\n")
-    return path
 
 
 # ---- one process of a run --------------------------------------------------------------------
@@ -160,7 +146,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lmscalpel-distributed-stats-") as folder:
         scratch = Path(folder)
-        corpus = write_corpus(scratch / "counterfact-train-corpus.jsonl")
+        corpus = counterfact_corpus(scratch)
         alone = run(1, args, scratch, corpus)
         shared = run(args.world, args, scratch, corpus)
         one = load_file(str(scratch / "world-1" / "moments.safetensors"))

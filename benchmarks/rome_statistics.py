@@ -26,27 +26,12 @@ from pathlib import Path
 import torch
 
 import lmscalpel as ls
+from corpora import TRAIN, counterfact_corpus
 from lmscalpel.evaluation import EvalOptions, MethodSpec, compare, load_cases
 from lmscalpel.methods import get_editor
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT.parent / "shared" / "data" / "counterfact" / "train.json"
 COLUMNS = ("ES", "PS", "NS", "NM", "locality_unchanged", "score", "seconds_per_edit")
-
-
-def counterfact_corpus(folder: Path, skip: int) -> Path:
-    """Benchmark prompts with their true answers, eight cases per document, from train.json[skip:]."""
-    records = json.loads(TRAIN.read_text())[skip:]
-    path = folder / "counterfact-train-corpus.jsonl"
-    with path.open("w") as handle:
-        for i in range(0, len(records), 8):
-            text = " ".join(
-                f"{r['prompt']} {r['ground_truth']}. {r['rephrase_prompt']} {r['ground_truth']}. "
-                f"{r['locality_prompt']} {r['locality_ground_truth']}."
-                for r in records[i : i + 8]
-            )
-            handle.write(json.dumps({"text": text}) + "\n")
-    return path
 
 
 def main() -> None:

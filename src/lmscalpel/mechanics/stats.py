@@ -605,19 +605,9 @@ def _accumulate(
     max_length: int,
     progress: bool,
 ) -> dict[str, SecondMoment]:
-    """One process's pass: the corpus streamed in batches until ``samples`` tokens (the last
-    batch cut there)."""
+    """One process's pass: the rows of :func:`planned_rows` streamed in batches."""
     pass_ = _Pass(lm, weights)
-    rows = corpus.rows(lm, max_length)
-    count = 0
-    with pass_.bar(samples, progress) as bar:
-        while count < samples:
-            batch = [row for _, row in zip(range(batch_size), rows)]
-            if not batch:
-                break
-            taken = pass_.add(batch, limit=samples - count)
-            count += taken
-            bar.update(taken)
+    pass_.stream(planned_rows(corpus, lm, samples, max_length), batch_size, progress)
     return pass_.accumulators
 
 
@@ -652,14 +642,8 @@ def _accumulate_shared(
     plan = distributed.on_rank_zero(lambda: planned_rows(corpus, lm, samples, max_length))
     mine = distributed.shard(plan)
     pass_ = _Pass(lm, weights)
-
-    def stream() -> None:
-        show = progress and distributed.rank() == 0
-        with pass_.bar(sum(map(len, mine)), show) as bar:
-            for start in range(0, len(mine), batch_size):
-                bar.update(pass_.add(mine[start : start + batch_size]))
-
-    distributed.together(stream)
+    show = progress and distributed.rank() == 0
+    distributed.together(lambda: pass_.stream(mine, batch_size, show))
     for accumulator in pass_.accumulators.values():
         accumulator.reduce_over_ranks()
     return pass_.accumulators
@@ -677,19 +661,21 @@ class _Pass:
         layers = sorted({lm.adapter.layer_of(w) for w in weights})
         self.what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
 
-    def bar(self, total: int, show: bool) -> tqdm:
-        return tqdm(total=total, unit="tok", desc=f"input statistics, {self.what}",
-                    disable=not show)  # fmt: skip
+    def stream(self, rows: Sequence[list[int]], batch_size: int, show: bool) -> None:
+        """Add the keys of every token of ``rows``, ``batch_size`` rows per forward pass."""
+        total = sum(map(len, rows))
+        with tqdm(total=total, unit="tok", desc=f"input statistics, {self.what}",
+                  disable=not show) as bar:  # fmt: skip
+            for start in range(0, len(rows), batch_size):
+                bar.update(self.add(rows[start : start + batch_size]))
 
-    def add(self, batch: list[list[int]], limit: int | None = None) -> int:
-        """Add the keys of ``batch``'s tokens, row after row, at most ``limit`` of them; returns
-        how many were added."""
-        ids, mask = right_padded(self.lm, batch)
+    def add(self, batch: Sequence[list[int]]) -> int:
+        """Add the keys of ``batch``'s tokens; returns how many were added."""
+        ids, mask = right_padded(self.lm, list(batch))
         taps = dict.fromkeys(set(self.modules.values()), Tap(input=True))
         with torch.no_grad(), tap(self.lm.model, taps, stop=True) as seen:
             run_body(self.lm, ids, mask)
         valid = mask.bool()
-        taken = int(valid.sum()) if limit is None else min(int(valid.sum()), limit)
         for weight, module in self.modules.items():
-            self.accumulators[weight].add(seen[module].input[valid][:taken])
-        return taken
+            self.accumulators[weight].add(seen[module].input[valid])
+        return int(valid.sum())
