@@ -69,6 +69,26 @@ def test_a_rome_patch_as_an_adapter_reproduces_the_patched_logits(model_type, tm
     assert (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()
 
 
+MASS = {"lr": 1.0, "max_steps": 8, "clamp_norm": 10.0, "kl_factor": 0.0, "weight_decay": 0.0}
+MASS |= {"stats_samples": 300, "prefixes": 0, "layers": [1, 2]}
+OTHER_METHODS = {
+    "memit": MASS,
+    "alphaedit": {**MASS, "null_energy": 0.1, "ridge": 0.01},
+    "lora": {"lr": 0.05, "steps": 10, "layers": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_every_low_rank_method_s_patch_serves_as_an_adapter(method, tmp_path):
+    """MEMIT's and AlphaEdit's per-layer factors (rank = requests) and LoRA's trained factors
+    export exactly (MEND's: tests/test_mend.py, which has a trained editor)."""
+    lm = tiny_model("llama")
+    patch = edit(lm, [REQUEST, OTHER], method=method, config=OTHER_METHODS[method], apply=False)
+    assert all(d.rank is not None for d in patch.deltas)  # low-rank: no SVD needed
+    config = check_reproduces(lm, [patch], tmp_path / "adapter")
+    assert config["r"] == max(d.rank for d in patch.deltas)
+
+
 def test_stacked_patches_of_different_ranks_make_one_adapter(tmp_path):
     lm = tiny_model("llama")
     first = edit(lm, REQUEST, method="rome", config=ROME, apply=True)

@@ -429,6 +429,31 @@ def test_mend_patches_are_ordinary_low_rank_patches(trained, tmp_path):
         assert torch.equal(a.materialize(), b.materialize())
 
 
+def test_a_mend_patch_serves_as_a_lora_adapter_through_peft(trained, tmp_path):
+    """MEND's low-rank deltas export exactly: peft with the adapter gives the patched logits."""
+    import copy
+
+    from peft import PeftModel
+
+    from lmscalpel.lora_adapter import export_lora_adapter
+
+    lm, _, folder = trained
+    patch = edit(lm, EIFFEL, method="mend", config={"editor": str(folder)}, apply=False)
+    base = copy.deepcopy(lm.model)
+    export_lora_adapter(lm, [patch], tmp_path / "adapter")
+    ids = lm.tokenizer([EIFFEL.prompt], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+        with patch.applied(lm):
+            patched = lm.model(input_ids=ids).logits
+        served = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        through_peft = served(input_ids=ids).logits
+    assert (patched - before).abs().max() > 1e-3
+    assert (through_peft - patched).abs().max() < 1e-5
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == patch.info["tokens"]  # exact: the deltas' own rank
+
+
 def test_mend_without_an_editor_says_how_to_train_one(tiny):
     with pytest.raises(ConfigError, match="train-editor"):
         edit(tiny, EIFFEL, method="mend")
