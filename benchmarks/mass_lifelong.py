@@ -329,6 +329,22 @@ def target_checks(found: dict[str, dict], args: argparse.Namespace) -> list[dict
     return checks
 
 
+def compared_curves(found: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
+    """Per sequential run name, each method's retention curve from the largest folder that has
+    it, labelled with its case count (``{"sequential-100": {"alphaedit (2000 cases)": [...]}}``)."""
+    best: dict[str, dict[str, tuple[int, list[dict]]]] = {}
+    for folder, data in found.items():
+        run, _, cases = folder.rpartition("-n")
+        for method, curve in (data.get("retention") or {}).items():
+            mine = best.setdefault(run, {})
+            if method not in mine or int(cases) > mine[method][0]:
+                mine[method] = (int(cases), curve)
+    return {
+        run: {f"{method} ({n} cases)": curve for method, (n, curve) in methods.items()}
+        for run, methods in best.items()
+    }
+
+
 def pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -360,6 +376,10 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
         if summary.retention:
             lines += [retention_tables(summary)]
             plot_retention(summary, args.results / f"mass_lifelong_{name}.png")
+    for run, curves in compared_curves(found).items():
+        if len(curves) > 1:  # methods of one run measured in folders of different sizes
+            plot_curves(curves, args.results / f"mass_lifelong_{run}.png",
+                        title=f"Retention of earlier edits ({run}), each method's largest run")  # fmt: skip
     batch: dict[int, dict] = {}  # per batch size, its largest run
     for data in found.values():
         if data["protocol"] == "batch":

@@ -482,6 +482,21 @@ def test_benchmark_plans_the_issues_runs_and_reduces_them():
     ]
 
 
+def test_benchmark_compares_each_method_s_largest_sequence():
+    bench = benchmark()
+    found = {
+        "sequential-100-n2000": {"retention": {"alphaedit": [{"edits": 2000, "ES": 0.9}]}},
+        "sequential-100-n500": {"retention": {"memit": [{"edits": 500}], "alphaedit": [{}]}},
+        "sequential-1-n50": {"retention": {"rome": [{"edits": 50}]}},
+    }
+    curves = bench.compared_curves(found)
+    assert curves["sequential-100"] == {
+        "alphaedit (2000 cases)": [{"edits": 2000, "ES": 0.9}],
+        "memit (500 cases)": [{"edits": 500}],
+    }
+    assert list(curves["sequential-1"]) == ["rome (50 cases)"]
+
+
 def test_benchmark_reads_every_run_folder_smallest_runs_first(tmp_path):
     bench = benchmark()
     for folder in ("batch-1000-n1000", "batch-10-n100", "sequential-1-n50", "sequential-1-n1000"):
