@@ -235,10 +235,16 @@ def folder_order(folder: str) -> tuple[int, int, int]:
     return (0 if kind == "sequential" else 1, int(size) if size.isdigit() else 0, int(cases))
 
 
-def target_checks(found: dict[str, dict], args: argparse.Namespace) -> list[dict]:
+def target_checks(
+    found: dict[str, dict], args: argparse.Namespace, partial: dict[str, dict] | None = None
+) -> list[dict]:
     """Each target of the issue: what was measured, met / not met / not measured, and whether the
     run was the issue's (full size). A reduced benchmark without a batch of 1,000 (or of 100)
-    checks the batch targets on its largest batch (or the one nearest 100), marked reduced."""
+    checks the batch targets on its largest batch (or the one nearest 100), marked reduced. A
+    sequential run stopped before its end (``partial``: its checkpoints so far, see
+    :func:`unfinished`) counts with its last checkpoint when that covers more edits than any
+    finished run, against the unedited model of the largest finished run (the same first cases)."""
+    partial = partial or {}
     sizes = sorted(d["batch_size"] for d in found.values() if d["protocol"] == "batch")
     big = f"batch-{sizes[-1]}" if sizes and 1000 not in sizes else "batch-1000"
     near = min(sizes, key=lambda b: abs(b - 100)) if sizes else 100
@@ -253,6 +259,15 @@ def target_checks(found: dict[str, dict], args: argparse.Namespace) -> list[dict
         """The method's row of the largest folder of ``run`` that has it."""
         folders = [(int(f.rpartition("-n")[2]), d) for f, d in found.items()
                    if f.rpartition("-n")[0] == run and method in d["rows"]]  # fmt: skip
+        stopped = [(p[-1]["edits"], p[-1]) for f, methods in partial.items()
+                   if f.rpartition("-n")[0] == run for m, p in methods.items() if m == method and p]  # fmt: skip
+        if stopped and max(stopped, key=lambda x: x[0])[0] > max(
+            (n for n, _ in folders), default=0
+        ):
+            edits, point = max(stopped, key=lambda x: x[0])
+            chosen[run] = edits
+            largest = max(found.values(), key=lambda d: d["n_cases"], default=None)
+            return point, largest["rows"]["unedited"] if largest else None
         if not folders:
             return None, None
         n, data = max(folders, key=lambda item: item[0])
@@ -329,6 +344,26 @@ def target_checks(found: dict[str, dict], args: argparse.Namespace) -> list[dict
     return checks
 
 
+def unfinished(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
+    """Sequential runs under ``--runs`` stopped before their end (no summary yet): per folder and
+    method, the checkpoints measured so far (each over all edits made until then)."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted(args.runs.glob("*-n*/*/checkpoints.jsonl")):
+        folder = path.parent.parent
+        if (folder / "summary.json").is_file():
+            continue
+        points = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            points.append({"edits": record["edits"], **record["metrics"]})
+        if points:
+            out.setdefault(folder.name, {})[path.parent.name] = points
+    return out
+
+
 def compared_curves(found: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
     """Per sequential run name, each method's retention curve from the largest folder that has
     it, labelled with its case count (``{"sequential-100": {"alphaedit (2000 cases)": [...]}}``)."""
@@ -356,8 +391,9 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
     from records import machine, run_header
 
     found = summaries(args)
+    partial = unfinished(args)
     args.results.mkdir(parents=True, exist_ok=True)
-    checks = target_checks(found, args)
+    checks = target_checks(found, args, partial)
     lines = [
         "# Mass and lifelong editing: MEMIT, AlphaEdit, ROME on the embedded model", "",
         f"CounterFact `{args.data.name}`, the first cases; written by "
@@ -398,6 +434,17 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
                     title="Batch editing, " + ", ".join(
                         f"b{b}: {d['n_cases']} cases" for b, d in sorted(batch.items())
                     ))  # fmt: skip
+    for folder, methods in partial.items():
+        lines += [f"## {folder}: stopped before its end", "",
+                  "The checkpoints it measured (each over all edits made until then):", ""]  # fmt: skip
+        for method, points in methods.items():
+            keys = [k for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
+                    if any(k in p for p in points)]  # fmt: skip
+            lines += [f"**{method}**", "", "| edits | " + " | ".join(header(k) for k in keys) + " |",
+                      "|---:|" + "---:|" * len(keys)]  # fmt: skip
+            lines += [f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |"
+                      for p in points]  # fmt: skip
+            lines.append("")
     lines += ["## Targets (issue 12)", "", "| target | run | measured | met |", "|---|---|---|---|"]
     for check in checks:
         verdict = {True: "met", False: "not met", None: "not measured"}[check["met"]]
@@ -434,6 +481,7 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
             }
             for name, data in found.items()
         },
+        "unfinished": partial,
         "targets": checks,
         "failed": failed,
         "full_size": args.n is None,

@@ -497,6 +497,28 @@ def test_benchmark_compares_each_method_s_largest_sequence():
     assert list(curves["sequential-1"]) == ["rome (50 cases)"]
 
 
+def test_benchmark_counts_a_stopped_sequence_by_its_last_checkpoint(tmp_path):
+    bench = benchmark()
+    stopped = tmp_path / "sequential-1-n1000" / "alphaedit"
+    stopped.mkdir(parents=True)
+    points = [{"edits": 100, "metrics": {"ES": 0.9}}, {"edits": 500, "metrics": {"ES": 0.8}}]
+    stopped.joinpath("checkpoints.jsonl").write_text(
+        "\n".join(json.dumps(p) for p in points) + '\n{"edits": 10'  # a line cut by a kill
+    )
+    args = bench.parse_args(["--runs", str(tmp_path)])
+    partial = bench.unfinished(args)
+    assert partial == {"sequential-1-n1000": {"alphaedit": [{"edits": 100, "ES": 0.9},
+                                                            {"edits": 500, "ES": 0.8}]}}  # fmt: skip
+    base = {"ES": 0.3, "PS": 0.3, "NS": 0.7}
+    found = {"sequential-1-n50": {"protocol": "sequential", "batch_size": 1, "n_cases": 50,
+                                  "rows": {"unedited": base, "alphaedit": {"ES": 1.0}}}}  # fmt: skip
+    target = "AlphaEdit, 1,000 one at a time: ES >= 85 over all edits at the end"
+    check = {c["target"]: c for c in bench.target_checks(found, args, partial)}[target]
+    assert (check["measured"], check["met"], check["n"]) == ("80.0", False, 500)
+    (stopped.parent / "summary.json").write_text("{}")  # finished after all: not partial
+    assert bench.unfinished(args) == {}
+
+
 def test_benchmark_reads_every_run_folder_smallest_runs_first(tmp_path):
     bench = benchmark()
     for folder in ("batch-1000-n1000", "batch-10-n100", "sequential-1-n50", "sequential-1-n1000"):
