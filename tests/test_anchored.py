@@ -96,3 +96,24 @@ def test_an_anchor_in_the_first_column_needs_no_prefix_cache(tiny):
         run = AnchoredRun(tiny, batch, 1, captures=[name], fast=fast)
         hidden.append(run.suffix_hidden({name: add_at_positions(delta, [run.anchor_index])}))
     assert torch.allclose(hidden[0], hidden[1], atol=1e-4)
+
+
+def test_states_at_the_anchors_are_the_same_in_a_batch_cut_after_them(any_tiny):
+    """AnchorStates reads keys and outputs on rows that end at the anchor: what later columns
+    hold cannot change them (causal attention), so they equal the full rows' states."""
+    from lmscalpel.runtime.hooks import Tap, tap
+    from lmscalpel.runtime.kv import run_body
+
+    lm = any_tiny
+    full = AnchoredBatch.build(lm, ROWS)
+    cut = full.through_anchor()
+    assert cut.width == full.anchor + 1 < full.width
+    assert (cut.last_cols <= cut.anchor).all() and len(cut.read_rows) == 0
+    names = [lm.adapter.mlp_out_name(1), lm.adapter.layer_name(2)]
+    found = []
+    for batch in (full, cut):
+        with torch.no_grad(), tap(lm.model, dict.fromkeys(names, Tap(input=True))) as seen:
+            run_body(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+        found.append([seen[n].input[:, batch.anchor] for n in names])
+    for a, b in zip(*found):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,23 @@ class AnchoredBatch:
             last_cols=torch.tensor(last_cols, dtype=torch.long, device=device),
         )
 
+    def through_anchor(self) -> AnchoredBatch:
+        """The batch cut after the anchor column (for reading states at the anchors, which no
+        later column changes); scored tokens there or later are dropped."""
+        end = self.anchor + 1
+        kept = torch.nonzero(self.read_cols < end).squeeze(1)
+        return AnchoredBatch(
+            rows=self.rows,
+            input_ids=self.input_ids[:, :end],
+            attention_mask=self.attention_mask[:, :end],
+            position_ids=self.position_ids[:, :end],
+            anchor=self.anchor,
+            read_rows=self.read_rows[kept],
+            read_cols=self.read_cols[kept],
+            read_tokens=self.read_tokens[kept],
+            last_cols=self.last_cols.clamp(max=self.anchor),
+        )
+
     def select(self, rows: torch.Tensor) -> AnchoredBatch:
         """The batch of rows ``rows`` (a 1-D index tensor; row ``rows[i]`` becomes row ``i``),
         still anchored at column :attr:`anchor` (so with the original left padding), cut after

@@ -99,7 +99,9 @@ class AnchorStates:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             rows = [row for r in chunk for row in context_rows(r, prefixes, with_target=False)]
-            self.batches.append((len(chunk), AnchoredBatch.build(lm, rows)))
+            # what is read at the anchors depends on no later column (causal attention): the
+            # rows end there
+            self.batches.append((len(chunk), AnchoredBatch.build(lm, rows).through_anchor()))
         self._kept: tuple[int, list[torch.Tensor]] | None = None
 
     def read(
@@ -125,12 +127,16 @@ class AnchorStates:
         found_in: dict[str, list[torch.Tensor]] = {n: [] for n in inputs}
         found_out: dict[str, list[torch.Tensor]] = {n: [] for n in outputs}
         kept: list[torch.Tensor] = []
+        layer, sources = (self._kept[0], list(self._kept[1])) if resume else (None, [])
+        if keep is not None:  # replaced by what this read keeps; the old inputs go batch by batch
+            self._kept = None
         for index, (count, batch) in enumerate(self.batches):
             with torch.no_grad(), tap(self.lm.model, taps, stop=True) as seen:
                 if resume:
-                    layer, hidden = self._kept[0], self._kept[1][index]
+                    hidden, sources[index] = sources[index], None
                     with from_layer(self.lm, layer, hidden):
                         run_body(self.lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+                    del hidden
                 else:
                     run_body(self.lm, batch.input_ids, batch.attention_mask, batch.position_ids)
             for name, parts in found_in.items():
