@@ -168,8 +168,38 @@ def test_the_faults_of_the_issue(tiny, monkeypatch):
     assert hashes(tiny) == before
 
 
+@pytest.fixture
+def default_ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal (a background job starts with SIGINT
+    ignored), restored afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_the_switch(tiny, monkeypatch):
+    """A process that ignores SIGINT (nohup, a background job) is not interrupted by one that
+    arrives during the switch: the apply completes."""
+    patch = make_patch(tiny, low_rank=True, matrices=3)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(
+            patch_module,
+            "_fault_point",
+            lambda step: os.kill(os.getpid(), signal.SIGINT) if step == "switch" else None,
+        )
+        patch.apply(tiny)
+        assert patch.is_applied and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    monkeypatch.undo()
+    patch.revert()
+
+
 @pytest.mark.parametrize("operation", ["apply", "revert"])
-def test_a_real_ctrl_c_while_the_weights_are_switched_rolls_back(tiny, monkeypatch, operation):
+def test_a_real_ctrl_c_while_the_weights_are_switched_rolls_back(
+    tiny, monkeypatch, operation, default_ctrl_c
+):
     """SIGINT arriving in the middle of the switch is held until the switch is rolled back."""
     patch = make_patch(tiny, low_rank=True, matrices=3)
     before = hashes(tiny)

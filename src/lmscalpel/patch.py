@@ -120,7 +120,9 @@ class _HeldInterrupts:
         if threading.current_thread() is threading.main_thread():
             try:
                 previous = signal.getsignal(signal.SIGINT)
-                if previous is not None:  # None: set outside Python; leave it alone
+                # None: set outside Python; SIG_IGN: the process ignores Ctrl-C (a background
+                # job, nohup), so there is nothing to hold — leave both alone
+                if previous is not None and previous is not signal.SIG_IGN:
                     signal.signal(signal.SIGINT, self._hold)
                     self.previous = previous
             except (ValueError, OSError):  # e.g. a sub-interpreter
