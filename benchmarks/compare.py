@@ -189,10 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         run_method(args, args.worker)
         return
-    if not args.data.is_file():
-        raise SystemExit(
-            f"no data at {args.data}: the shared data folder belongs beside the project"
-        )
+    from records import require_data
+
+    require_data(args.data)
     from lmscalpel import available_methods
 
     methods = [m for m in (args.methods or METHODS) if m in available_methods()]

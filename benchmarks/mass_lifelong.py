@@ -511,10 +511,9 @@ def main(argv: list[str] | None = None) -> None:
         name, _, method = args.worker.partition("/")
         run_worker(args, next(r for r in runs if r.name == name), runs, method or None)
         return
-    if not args.data.is_file():
-        raise SystemExit(
-            f"no data at {args.data}: the shared data folder belongs beside the project"
-        )
+    from records import require_data
+
+    require_data(args.data)
     args.load_before = os.getloadavg()
     failed = {} if args.report else launch(args, runs)
     write_results(args, failed)

@@ -184,10 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         run_worker(args, args.worker)
         return
-    if not args.data.is_file():
-        raise SystemExit(
-            f"no data at {args.data}: the shared data folder belongs beside the project"
-        )
+    from records import require_data
+
+    require_data(args.data)
     from lmscalpel.core.clock import utc_now
     from records import machine
 

@@ -54,3 +54,9 @@ def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def require_data(path: Path) -> None:
+    """Stop with a clear message when the shared data file is not beside the project."""
+    if not path.is_file():
+        raise SystemExit(f"no data at {path}: the shared data folder belongs beside the project")

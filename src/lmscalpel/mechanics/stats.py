@@ -557,8 +557,9 @@ def input_statistics(
     if not missing:
         return found
     log.info("computing input statistics of %s over %d tokens of %s", missing, samples, source.id)
-    accumulate = _accumulate_shared if shared else _accumulate
-    accumulators = accumulate(lm, missing, source, samples, batch_size, max_length, progress)
+    accumulators = _accumulate(
+        lm, missing, source, samples, batch_size, max_length, progress, shared=shared
+    )
     computed: dict[str, KeyStatistics] = {}
     for weight, accumulator in accumulators.items():
         if accumulator.count < samples:
@@ -596,21 +597,6 @@ def input_statistics(
     return found
 
 
-def _accumulate(
-    lm: LoadedModel,
-    weights: Sequence[str],
-    corpus: Corpus,
-    samples: int,
-    batch_size: int,
-    max_length: int,
-    progress: bool,
-) -> dict[str, SecondMoment]:
-    """One process's pass: the rows of :func:`planned_rows` streamed in batches."""
-    pass_ = _Pass(lm, weights)
-    pass_.stream(planned_rows(corpus, lm, samples, max_length), batch_size, progress)
-    return pass_.accumulators
-
-
 def planned_rows(corpus: Corpus, lm: LoadedModel, samples: int, max_length: int) -> list[list[int]]:
     """The rows whose tokens :func:`_accumulate` takes, in order: whole rows up to the
     ``samples``-th token, the last one cut there (a causal model's keys of a row's first tokens
@@ -625,7 +611,7 @@ def planned_rows(corpus: Corpus, lm: LoadedModel, samples: int, max_length: int)
     return plan
 
 
-def _accumulate_shared(
+def _accumulate(
     lm: LoadedModel,
     weights: Sequence[str],
     corpus: Corpus,
@@ -633,9 +619,16 @@ def _accumulate_shared(
     batch_size: int,
     max_length: int,
     progress: bool,
+    *,
+    shared: bool = False,
 ) -> dict[str, SecondMoment]:
-    """The ranks' shared pass (collective): rank 0 plans the rows (:func:`planned_rows`), each
-    rank streams its shard of them, the sums and counts are added up over the ranks."""
+    """The rows of :func:`planned_rows` streamed in batches. ``shared`` (collective, every rank
+    calls it): rank 0 plans the rows, each rank streams its shard of them, and the sums and counts
+    are added up over the ranks."""
+    if not shared:
+        pass_ = _Pass(lm, weights)
+        pass_.stream(planned_rows(corpus, lm, samples, max_length), batch_size, progress)
+        return pass_.accumulators
     if isinstance(corpus, SampledCorpus):  # each rank samples its share of the chunks first
         needed = range(corpus.chunks_needed(samples))
         distributed.together(lambda: corpus.sample_chunks(lm, distributed.shard(needed)))
