@@ -364,18 +364,22 @@ def unfinished(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def compared_curves(found: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
-    """Per sequential run name, each method's retention curve from the largest folder that has
-    it, labelled with its case count (``{"sequential-100": {"alphaedit (2000 cases)": [...]}}``)."""
-    best: dict[str, dict[str, tuple[int, list[dict]]]] = {}
-    for folder, data in found.items():
-        run, _, cases = folder.rpartition("-n")
-        for method, curve in (data.get("retention") or {}).items():
-            mine = best.setdefault(run, {})
-            if method not in mine or int(cases) > mine[method][0]:
-                mine[method] = (int(cases), curve)
+def compared_curves(
+    found: dict[str, dict], partial: dict[str, dict[str, list[dict]]] | None = None
+) -> dict[str, dict[str, list[dict]]]:
+    """Per sequential run name, each method's longest retention curve (the most edits), from a
+    finished folder or one stopped before its end (``partial``, see :func:`unfinished`),
+    labelled with its edits (``{"sequential-100": {"alphaedit (1000 edits)": [...]}}``)."""
+    curves = [(folder, method, curve) for folder, data in found.items()
+              for method, curve in (data.get("retention") or {}).items()]  # fmt: skip
+    curves += [(f, m, c) for f, methods in (partial or {}).items() for m, c in methods.items()]
+    best: dict[str, dict[str, list[dict]]] = {}
+    for folder, method, curve in curves:
+        mine = best.setdefault(folder.rpartition("-n")[0], {})
+        if curve and (method not in mine or curve[-1]["edits"] > mine[method][-1]["edits"]):
+            mine[method] = curve
     return {
-        run: {f"{method} ({n} cases)": curve for method, (n, curve) in methods.items()}
+        run: {f"{method} ({curve[-1]['edits']} edits)": curve for method, curve in methods.items()}
         for run, methods in best.items()
     }
 
@@ -412,10 +416,10 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
         if summary.retention:
             lines += [retention_tables(summary)]
             plot_retention(summary, args.results / f"mass_lifelong_{name}.png")
-    for run, curves in compared_curves(found).items():
+    for run, curves in compared_curves(found, partial).items():
         if len(curves) > 1:  # methods of one run measured in folders of different sizes
             plot_curves(curves, args.results / f"mass_lifelong_{run}.png",
-                        title=f"Retention of earlier edits ({run}), each method's largest run")  # fmt: skip
+                        title=f"Retention of earlier edits ({run}), each method's longest sequence")  # fmt: skip
     batch: dict[int, dict] = {}  # per batch size, its largest run
     for data in found.values():
         if data["protocol"] == "batch":

@@ -486,15 +486,18 @@ def test_benchmark_compares_each_method_s_largest_sequence():
     bench = benchmark()
     found = {
         "sequential-100-n2000": {"retention": {"alphaedit": [{"edits": 2000, "ES": 0.9}]}},
-        "sequential-100-n500": {"retention": {"memit": [{"edits": 500}], "alphaedit": [{}]}},
+        "sequential-100-n500": {
+            "retention": {"memit": [{"edits": 500}], "alphaedit": [{"edits": 500}]}
+        },
         "sequential-1-n50": {"retention": {"rome": [{"edits": 50}]}},
     }
-    curves = bench.compared_curves(found)
+    partial = {"sequential-1-n1000": {"rome": [{"edits": 10}, {"edits": 100}]}}
+    curves = bench.compared_curves(found, partial)
     assert curves["sequential-100"] == {
-        "alphaedit (2000 cases)": [{"edits": 2000, "ES": 0.9}],
-        "memit (500 cases)": [{"edits": 500}],
+        "alphaedit (2000 edits)": [{"edits": 2000, "ES": 0.9}],
+        "memit (500 edits)": [{"edits": 500}],
     }
-    assert list(curves["sequential-1"]) == ["rome (50 cases)"]
+    assert curves["sequential-1"] == {"rome (100 edits)": [{"edits": 10}, {"edits": 100}]}
 
 
 def test_benchmark_counts_a_stopped_sequence_by_its_last_checkpoint(tmp_path):
