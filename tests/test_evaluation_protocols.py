@@ -13,6 +13,7 @@ from lmscalpel.evaluation.protocols import SequentialState
 from lmscalpel.methods import base
 from lmscalpel.patch import Patch
 from lmscalpel.testing import tiny_model
+from lmscalpel.testing import weight_copy as weights
 
 FACTS = [
     ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
@@ -41,10 +42,6 @@ def make_cases(n=len(FACTS)):
         )
         cases.append(EvalCase(key=str(i), requests=(request,), index=i, source="test"))
     return cases
-
-
-def weights(lm):
-    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
 def assert_pristine(lm, saved):

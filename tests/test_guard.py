@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lmscalpel import ConfigError, EditRequest, LocalityProbe, edit, score_targets
 from lmscalpel import guard as guard_module
 from lmscalpel.guard import DEFAULT_GENERAL_PROMPTS, Guard, GuardRejected, guarded_apply
+from lmscalpel.testing import same_weights as same
 from lmscalpel.testing import tiny_model
+from lmscalpel.testing import weight_copy as weights
 
 REQUEST = EditRequest(
     prompt="The Eiffel Tower is located in the city of",
@@ -21,14 +22,6 @@ REQUEST = EditRequest(
 STRONG = {"lr": 0.05, "steps": 20, "norm_constraint": 5.0}  # takes, and leaks (tiny model)
 WEAK = {"lr": 1e-4, "steps": 1, "norm_constraint": 1e-4}  # barely moves anything
 QUIET = dict(min_locality=None, general_prompts=(), max_general_changed=None)
-
-
-def weights(lm):
-    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-
-
-def same(lm, saved):
-    return all(torch.equal(p, saved[n]) for n, p in lm.model.named_parameters())
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from lmscalpel.methods.ike import (
 )
 from lmscalpel.scoring import score_targets
 from lmscalpel.testing import tiny_model
+from lmscalpel.testing import weight_copy as weights
 from lmscalpel.tokens import format_prompt
 
 CITIES = {
@@ -61,10 +62,6 @@ POOL = [_city(s, t, "Berlin", f"city-{i}") for i, (s, t) in enumerate(CITIES.ite
     _language(s, t, "German", f"lang-{i}") for i, (s, t) in enumerate(LANGUAGES.items())
 ]
 REQUEST = _city("Statue of Liberty", "New York", "Tokyo", "edit")
-
-
-def weights(lm):
-    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
 # ---- demonstrations ----------------------------------------------------------------------------

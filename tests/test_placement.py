@@ -19,6 +19,7 @@ from lmscalpel.models.placement import (
     resolve_device,
     resolve_dtype,
 )
+from lmscalpel.testing import weight_copy as weights
 from test_evaluation_protocols import make_cases
 
 REQUEST = EditRequest(
@@ -56,12 +57,6 @@ def placed(model_dir, placement, tmp_path):
         assert offloaded_parameters(lm.model)  # accelerate's hooks really hold some weights
         return lm
     return load_model(model_dir, dtype=placement)
-
-
-def weights(lm):
-    return {
-        n: p.detach().clone() for n, p in lm.model.named_parameters() if p.device.type != "meta"
-    }
 
 
 def test_devices_and_dtypes_by_name():

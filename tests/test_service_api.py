@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import torch
 import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -19,7 +18,9 @@ from lmscalpel.patch import PatchError
 from lmscalpel.scoring import generate
 from lmscalpel.service import Limits, ReadWriteLock, create_app
 from lmscalpel.service import engine as engine_module
+from lmscalpel.testing import same_weights as same
 from lmscalpel.testing import tiny_model
+from lmscalpel.testing import weight_copy as weights
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,14 +39,6 @@ STRONG = {"lr": 0.05, "steps": 20, "norm_constraint": 5.0}
 def edit_body(layer: int | None = None, **extra):
     config = dict(STRONG, **({} if layer is None else {"layers": [layer]}))
     return {"method": "ft-l", "requests": [REQUEST], "config": config, **extra}
-
-
-def weights(lm):
-    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-
-
-def same(lm, saved):
-    return all(torch.equal(p, saved[n]) for n, p in lm.model.named_parameters())
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from lmscalpel.service import EditingService, JournalError
 from lmscalpel.service import journal as journal_module
 from lmscalpel.service.engine import ServiceError
 from lmscalpel.testing import tiny_model
+from lmscalpel.testing import weight_copy as weights
 
 REQUEST = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -28,10 +29,6 @@ OTHER = {
 
 def config(layer):
     return {"lr": 0.05, "steps": 10, "norm_constraint": 5.0, "layers": [layer]}
-
-
-def weights(lm):
-    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
 def same(a, b):

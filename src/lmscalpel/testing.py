@@ -140,3 +140,17 @@ def tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return wrap_model(model, tokenizer, name=f"tiny-{model_type}")
+
+
+def weight_copy(lm) -> dict[str, torch.Tensor]:
+    """A copy of every parameter of ``lm``'s model by name (the placeholders accelerate leaves
+    for offloaded weights, on the meta device, skipped), to check later that nothing changed."""
+    return {
+        n: p.detach().clone() for n, p in lm.model.named_parameters() if p.device.type != "meta"
+    }
+
+
+def same_weights(lm, saved: dict[str, torch.Tensor]) -> bool:
+    """Whether ``lm``'s parameters equal ``saved`` (a :func:`weight_copy`) bit for bit."""
+    params = lm.model.named_parameters()
+    return all(torch.equal(p, saved[n]) for n, p in params if p.device.type != "meta")
