@@ -42,6 +42,8 @@ from test_fuzz_api import (
 )
 
 runner = CliRunner()
+PROFILES = [pytest.param(SHORT, id="short"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
+"""Each fuzz test runs briefly in ``make test`` and at length under the slow marker."""
 PROMPT = "The Eiffel Tower is located in the city of"
 TALLY: Counter[tuple[str, str]] = Counter()
 METHODS = ["ft-l", "ft-m", "rome", "lora", "ike", "nosuch", "rom", "", "FT-L", "mend", "ft-l "]
@@ -181,25 +183,11 @@ def stranger_folder(tmp: Path) -> None:
     (tmp / "stranger" / "mine.txt").write_text("not a patch")
 
 
-def test_fuzz_edit_command(model_dir, tmp_path):
+@pytest.mark.parametrize("profile", PROFILES)
+def test_fuzz_edit_command(model_dir, tmp_path, profile):
     stranger_folder(tmp_path)
 
-    @SHORT
-    @given(data=st.data())
-    def run(data):
-        args, save, must_work = data.draw(edit_arguments(tmp_path, model_dir))
-        outcome = judge("cli-edit", args, model_dir, save)
-        assert outcome in ("ok", "over-budget") or not must_work, args
-
-    run()
-    assert (tmp_path / "stranger" / "mine.txt").read_text() == "not a patch"
-
-
-@pytest.mark.slow
-def test_fuzz_edit_command_long(model_dir, tmp_path):
-    stranger_folder(tmp_path)
-
-    @LONG
+    @profile
     @given(data=st.data())
     def run(data):
         args, save, must_work = data.draw(edit_arguments(tmp_path, model_dir))
@@ -239,18 +227,9 @@ def eval_arguments(draw, tmp: Path, model_dir: str) -> list[str]:
     return args
 
 
-def test_fuzz_eval_command(model_dir, tmp_path):
-    @SHORT
-    @given(data=st.data())
-    def run(data):
-        judge("cli-eval", data.draw(eval_arguments(tmp_path, model_dir)), model_dir)
-
-    run()
-
-
-@pytest.mark.slow
-def test_fuzz_eval_command_long(model_dir, tmp_path):
-    @LONG
+@pytest.mark.parametrize("profile", PROFILES)
+def test_fuzz_eval_command(model_dir, tmp_path, profile):
+    @profile
     @given(data=st.data())
     def run(data):
         judge("cli-eval", data.draw(eval_arguments(tmp_path, model_dir)), model_dir)
@@ -276,8 +255,9 @@ def patch_folders(draw, tmp: Path) -> Path:
     return folder
 
 
-def test_fuzz_apply_command(model_dir, tmp_path):
-    @SHORT
+@pytest.mark.parametrize("profile", PROFILES)
+def test_fuzz_apply_command(model_dir, tmp_path, profile):
+    @profile
     @given(data=st.data())
     def run(data):
         folders = data.draw(st.lists(patch_folders(tmp_path), min_size=1, max_size=2))
@@ -308,14 +288,3 @@ def test_a_save_folder_in_the_way_is_refused_before_the_model_runs(model_dir, tm
     assert result.exit_code == 2 and "is not a saved patch" in result.stderr
     assert not result.stdout.strip(), result.stdout
     assert (tmp_path / "stranger" / "mine.txt").read_text() == "not a patch"
-
-
-@pytest.mark.slow
-def test_fuzz_apply_command_long(model_dir, tmp_path):
-    @LONG
-    @given(data=st.data())
-    def run(data):
-        folders = data.draw(st.lists(patch_folders(tmp_path), min_size=1, max_size=2))
-        judge("cli-apply", ["apply", *map(str, folders), "--model", model_dir], model_dir)
-
-    run()
