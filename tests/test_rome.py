@@ -127,6 +127,30 @@ def test_several_requests_make_one_rank_r_delta(tiny):
     assert len(patch.info["requests"]) == 2
 
 
+
+THIRD = EditRequest(prompt="Miles Davis plays the", subject="Miles Davis", target_new="violin")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_group_of_requests_is_the_same_edits_as_one_call_each(model_type):
+    """ROME's call with several requests edits them one at a time, each on the model carrying the
+    earlier ones, so a sequence in groups (benchmarks/mass_lifelong.py's sequential-100) passes
+    through the same models as the same sequence one request per call (sequential-1), up to the
+    float rounding of applying one summed patch instead of several."""
+    requests = [REQUEST, OTHER, THIRD]
+    grouped, single = tiny_model(model_type), tiny_model(model_type)
+    name = grouped.adapter.mlp_out_weight_name(STRONG["layer"])
+    before = grouped.model.get_parameter(name).detach().clone()
+    patch = edit(grouped, requests, method="rome", config=STRONG)
+    patches = [edit(single, request, method="rome", config=STRONG) for request in requests]
+    one, many = grouped.model.get_parameter(name), single.model.get_parameter(name)
+    change = (one - before).norm()
+    assert change > 0.1 * before.norm()  # three real edits, not a no-op
+    assert (one - many).norm() < 1e-5 * change
+    for kept, alone in zip(patch.info["requests"], (p.info["requests"][0] for p in patches)):
+        assert kept["steps"] == alone["steps"]
+        assert kept["nll"] == pytest.approx(alone["nll"], rel=1e-4, abs=1e-5)
+
 def test_compute_leaves_the_model_untouched_also_on_error(tiny, monkeypatch):
     saved = state(tiny)
     patch = edit(tiny, [REQUEST, OTHER], method="rome", config=STRONG, apply=False)
