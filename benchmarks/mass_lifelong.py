@@ -9,6 +9,9 @@ through :mod:`lmscalpel.evaluation` (each run is one ``compare`` call):
                              in sequence, 100 per editor call (ROME's call edits its requests one
                              at a time, each on the model carrying the earlier ones)
     sequential-1             AlphaEdit and ROME: the first ``--single-n`` (1,000) cases one at a time
+                             (where ROME's own is missing or shorter, the report also reads its
+                             curve from sequential-100: ROME's call edits its requests one at a
+                             time, so the two sequences pass through the same models)
 
 Sequential runs re-measure all earlier edits at 1, 10, 100, 500, 1000, 2000 edits and the end (a
 checkpoint inside a group: at the first group boundary after it), with locality and fluency. Each
@@ -384,6 +387,37 @@ def compared_curves(
     }
 
 
+SAME_SEQUENCE = ("rome",)
+"""Methods whose call edits its requests one at a time, each on the model carrying the earlier
+ones (tests/test_rome.py::test_a_group_of_requests_is_the_same_edits_as_one_call_each): their
+sequence in groups passes through the models of the same sequence one request per call."""
+
+
+def one_at_a_time_from_groups(
+    found: dict[str, dict], args: argparse.Namespace, partial: dict[str, dict] | None = None
+) -> dict[str, list[dict]]:
+    """For each method of :data:`SAME_SEQUENCE` whose own one-at-a-time sequence (sequential-1)
+    is shorter than ``--single-n`` edits or missing: its one-at-a-time retention curve read from
+    its longest sequence in groups (``--seq-batch``), the checkpoints up to ``--single-n`` edits,
+    by label (``"rome (from sequential-100, 1000 edits)"``). Equal up to float rounding: one
+    summed patch per group against one patch per request."""
+    curves = compared_curves(found, partial)
+    wanted = min(args.single_n, args.n) if args.n else args.single_n
+    group = f"sequential-{args.seq_batch}"
+    out = {}
+    for method in SAME_SEQUENCE:
+        own = [c for label, c in curves.get("sequential-1", {}).items()
+               if label.startswith(f"{method} (")]  # fmt: skip
+        if own and own[0][-1]["edits"] >= wanted:
+            continue
+        grouped = [c for label, c in curves.get(group, {}).items()
+                   if label.startswith(f"{method} (")]  # fmt: skip
+        points = [p for p in (grouped[0] if grouped else []) if p["edits"] <= wanted]
+        if points:
+            out[f"{method} (from {group}, {points[-1]['edits']} edits)"] = points
+    return out
+
+
 def pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -416,7 +450,11 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
         if summary.retention:
             lines += [retention_tables(summary)]
             plot_retention(summary, args.results / f"mass_lifelong_{name}.png")
-    for run, curves in compared_curves(found, partial).items():
+    derived = one_at_a_time_from_groups(found, args, partial)
+    compared = compared_curves(found, partial)
+    if derived:
+        compared.setdefault("sequential-1", {}).update(derived)
+    for run, curves in compared.items():
         if len(curves) > 1:  # methods of one run measured in folders of different sizes
             plot_curves(curves, args.results / f"mass_lifelong_{run}.png",
                         title=f"Retention of earlier edits ({run}), each method's longest sequence")  # fmt: skip
@@ -449,6 +487,20 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
             lines += [f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |"
                       for p in points]  # fmt: skip
             lines.append("")
+    for label, points in derived.items():
+        keys = [k for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
+                if any(k in p for p in points)]  # fmt: skip
+        lines += [f"## sequential-1: {label}", "",
+                  "One request per call, read from the same method's sequence in groups: its "
+                  "call edits the group's requests one at a time, each on the model carrying the "
+                  "earlier ones, so both sequences pass through the same models (up to float "
+                  "rounding; tests/test_rome.py). The checkpoints up to the one-at-a-time "
+                  "sequence's length:", "",
+                  "| edits | " + " | ".join(header(k) for k in keys) + " |",
+                  "|---:|" + "---:|" * len(keys)]  # fmt: skip
+        lines += [f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |"
+                  for p in points]  # fmt: skip
+        lines.append("")
     lines += ["## Targets (issue 12)", "", "| target | run | measured | met |", "|---|---|---|---|"]
     for check in checks:
         verdict = {True: "met", False: "not met", None: "not measured"}[check["met"]]
@@ -486,6 +538,7 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
             for name, data in found.items()
         },
         "unfinished": partial,
+        "one_at_a_time_from_groups": derived,
         "targets": checks,
         "failed": failed,
         "full_size": args.n is None,

@@ -500,6 +500,22 @@ def test_benchmark_compares_each_method_s_largest_sequence():
     assert curves["sequential-1"] == {"rome (100 edits)": [{"edits": 10}, {"edits": 100}]}
 
 
+def test_benchmark_reads_rome_one_at_a_time_from_its_sequence_in_groups():
+    bench = benchmark()
+    args = bench.parse_args(["--single-n", "1000"])
+    grouped = [{"edits": 100, "ES": 0.98}, {"edits": 1000, "ES": 0.7}, {"edits": 2000, "ES": 0.5}]
+    found = {
+        "sequential-100-n2000": {"retention": {"rome": grouped, "memit": grouped}},
+        "sequential-1-n50": {"retention": {"rome": [{"edits": 50, "ES": 1.0}]}},
+    }
+    derived = bench.one_at_a_time_from_groups(found, args)
+    assert derived == {"rome (from sequential-100, 1000 edits)": grouped[:2]}  # not memit's
+    # a one-at-a-time sequence of its own as long as --single-n: nothing is read from groups
+    partial = {"sequential-1-n1000": {"rome": [{"edits": 500}, {"edits": 1000}]}}
+    assert bench.one_at_a_time_from_groups(found, args, partial) == {}
+    assert bench.one_at_a_time_from_groups({}, args) == {}
+
+
 def test_benchmark_counts_a_stopped_sequence_by_its_last_checkpoint(tmp_path):
     bench = benchmark()
     stopped = tmp_path / "sequential-1-n1000" / "alphaedit"

@@ -127,7 +127,6 @@ def test_several_requests_make_one_rank_r_delta(tiny):
     assert len(patch.info["requests"]) == 2
 
 
-
 THIRD = EditRequest(prompt="Miles Davis plays the", subject="Miles Davis", target_new="violin")
 
 
@@ -150,6 +149,7 @@ def test_a_group_of_requests_is_the_same_edits_as_one_call_each(model_type):
     for kept, alone in zip(patch.info["requests"], (p.info["requests"][0] for p in patches)):
         assert kept["steps"] == alone["steps"]
         assert kept["nll"] == pytest.approx(alone["nll"], rel=1e-4, abs=1e-5)
+
 
 def test_compute_leaves_the_model_untouched_also_on_error(tiny, monkeypatch):
     saved = state(tiny)
