@@ -367,12 +367,12 @@ def unfinished(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def compared_curves(
+def longest_curves(
     found: dict[str, dict], partial: dict[str, dict[str, list[dict]]] | None = None
 ) -> dict[str, dict[str, list[dict]]]:
     """Per sequential run name, each method's longest retention curve (the most edits), from a
-    finished folder or one stopped before its end (``partial``, see :func:`unfinished`),
-    labelled with its edits (``{"sequential-100": {"alphaedit (1000 edits)": [...]}}``)."""
+    finished folder or one stopped before its end (``partial``, see :func:`unfinished`):
+    ``{"sequential-100": {"alphaedit": [...]}}``."""
     curves = [(folder, method, curve) for folder, data in found.items()
               for method, curve in (data.get("retention") or {}).items()]  # fmt: skip
     curves += [(f, m, c) for f, methods in (partial or {}).items() for m, c in methods.items()]
@@ -381,10 +381,23 @@ def compared_curves(
         mine = best.setdefault(folder.rpartition("-n")[0], {})
         if curve and (method not in mine or curve[-1]["edits"] > mine[method][-1]["edits"]):
             mine[method] = curve
+    return best
+
+
+def labelled(longest: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
+    """:func:`longest_curves` labelled with their edits
+    (``{"sequential-100": {"alphaedit (1000 edits)": [...]}}``)."""
     return {
         run: {f"{method} ({curve[-1]['edits']} edits)": curve for method, curve in methods.items()}
-        for run, methods in best.items()
+        for run, methods in longest.items()
     }
+
+
+def compared_curves(
+    found: dict[str, dict], partial: dict[str, dict[str, list[dict]]] | None = None
+) -> dict[str, dict[str, list[dict]]]:
+    """Per sequential run name, each method's longest curve, labelled with its edits."""
+    return labelled(longest_curves(found, partial))
 
 
 SAME_SEQUENCE = ("rome",)
@@ -394,28 +407,39 @@ sequence in groups passes through the models of the same sequence one request pe
 
 
 def one_at_a_time_from_groups(
-    found: dict[str, dict], args: argparse.Namespace, partial: dict[str, dict] | None = None
+    curves: dict[str, dict[str, list[dict]]], args: argparse.Namespace
 ) -> dict[str, list[dict]]:
     """For each method of :data:`SAME_SEQUENCE` whose own one-at-a-time sequence (sequential-1)
     is shorter than ``--single-n`` edits or missing: its one-at-a-time retention curve read from
     its longest sequence in groups (``--seq-batch``), the checkpoints up to ``--single-n`` edits,
-    by label (``"rome (from sequential-100, 1000 edits)"``). Equal up to float rounding: one
-    summed patch per group against one patch per request."""
-    curves = compared_curves(found, partial)
+    by label (``"rome (from sequential-100, 1000 edits)"``). ``curves``: :func:`longest_curves`.
+    Equal up to float rounding: one summed patch per group against one patch per request."""
     wanted = min(args.single_n, args.n) if args.n else args.single_n
     group = f"sequential-{args.seq_batch}"
     out = {}
     for method in SAME_SEQUENCE:
-        own = [c for label, c in curves.get("sequential-1", {}).items()
-               if label.startswith(f"{method} (")]  # fmt: skip
-        if own and own[0][-1]["edits"] >= wanted:
+        own = curves.get("sequential-1", {}).get(method)
+        if own and own[-1]["edits"] >= wanted:
             continue
-        grouped = [c for label, c in curves.get(group, {}).items()
-                   if label.startswith(f"{method} (")]  # fmt: skip
-        points = [p for p in (grouped[0] if grouped else []) if p["edits"] <= wanted]
+        points = [p for p in curves.get(group, {}).get(method, []) if p["edits"] <= wanted]
         if points:
             out[f"{method} (from {group}, {points[-1]['edits']} edits)"] = points
     return out
+
+
+def checkpoint_table(points: list[dict]) -> list[str]:
+    """A markdown table of retention checkpoints (one row per checkpoint, the columns some point
+    has)."""
+    from lmscalpel.evaluation.report import fmt, header
+
+    keys = [k for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
+            if any(k in p for p in points)]  # fmt: skip
+    return [
+        "| edits | " + " | ".join(header(k) for k in keys) + " |",
+        "|---:|" + "---:|" * len(keys),
+        *(f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |" for p in points),
+        "",
+    ]
 
 
 def pct(value: float) -> str:
@@ -450,8 +474,9 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
         if summary.retention:
             lines += [retention_tables(summary)]
             plot_retention(summary, args.results / f"mass_lifelong_{name}.png")
-    derived = one_at_a_time_from_groups(found, args, partial)
-    compared = compared_curves(found, partial)
+    longest = longest_curves(found, partial)
+    derived = one_at_a_time_from_groups(longest, args)
+    compared = labelled(longest)
     if derived:
         compared.setdefault("sequential-1", {}).update(derived)
     for run, curves in compared.items():
@@ -480,27 +505,14 @@ def write_results(args: argparse.Namespace, failed: dict[str, str]) -> dict:
         lines += [f"## {folder}: stopped before its end", "",
                   "The checkpoints it measured (each over all edits made until then):", ""]  # fmt: skip
         for method, points in methods.items():
-            keys = [k for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
-                    if any(k in p for p in points)]  # fmt: skip
-            lines += [f"**{method}**", "", "| edits | " + " | ".join(header(k) for k in keys) + " |",
-                      "|---:|" + "---:|" * len(keys)]  # fmt: skip
-            lines += [f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |"
-                      for p in points]  # fmt: skip
-            lines.append("")
+            lines += [f"**{method}**", "", *checkpoint_table(points)]
     for label, points in derived.items():
-        keys = [k for k in ("ES", "PS", "NS", "edit_acc", "locality_unchanged", "fluency")
-                if any(k in p for p in points)]  # fmt: skip
         lines += [f"## sequential-1: {label}", "",
                   "One request per call, read from the same method's sequence in groups: its "
                   "call edits the group's requests one at a time, each on the model carrying the "
                   "earlier ones, so both sequences pass through the same models (up to float "
                   "rounding; tests/test_rome.py). The checkpoints up to the one-at-a-time "
-                  "sequence's length:", "",
-                  "| edits | " + " | ".join(header(k) for k in keys) + " |",
-                  "|---:|" + "---:|" * len(keys)]  # fmt: skip
-        lines += [f"| {p['edits']} | " + " | ".join(fmt(k, p.get(k)) for k in keys) + " |"
-                  for p in points]  # fmt: skip
-        lines.append("")
+                  "sequence's length:", "", *checkpoint_table(points)]  # fmt: skip
     lines += ["## Targets (issue 12)", "", "| target | run | measured | met |", "|---|---|---|---|"]
     for check in checks:
         verdict = {True: "met", False: "not met", None: "not measured"}[check["met"]]

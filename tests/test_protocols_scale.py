@@ -508,11 +508,11 @@ def test_benchmark_reads_rome_one_at_a_time_from_its_sequence_in_groups():
         "sequential-100-n2000": {"retention": {"rome": grouped, "memit": grouped}},
         "sequential-1-n50": {"retention": {"rome": [{"edits": 50, "ES": 1.0}]}},
     }
-    derived = bench.one_at_a_time_from_groups(found, args)
+    derived = bench.one_at_a_time_from_groups(bench.longest_curves(found), args)
     assert derived == {"rome (from sequential-100, 1000 edits)": grouped[:2]}  # not memit's
     # a one-at-a-time sequence of its own as long as --single-n: nothing is read from groups
     partial = {"sequential-1-n1000": {"rome": [{"edits": 500}, {"edits": 1000}]}}
-    assert bench.one_at_a_time_from_groups(found, args, partial) == {}
+    assert bench.one_at_a_time_from_groups(bench.longest_curves(found, partial), args) == {}
     assert bench.one_at_a_time_from_groups({}, args) == {}
 
 
