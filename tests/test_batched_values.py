@@ -232,3 +232,49 @@ def test_anchor_states_resume_from_the_kept_input_of_an_updated_layer(any_tiny):
             weight.copy_(saved)
     with pytest.raises(ValueError, match="keep="):
         AnchorStates(lm, REQUESTS, PREFIXES).read([block], resume=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_subject_at_the_first_token_is_scaled_by_a_prefixed_prompt_not_by_the_sink(model_type):
+    """The first position carries the attention sink's massive activation (SmolLM2 at layer 11:
+    ‖h‖ 23,977 against about 155). Simulated here by multiplying the module's output there by
+    1,000: a first-token subject's δ must still be scaled and clipped by a prefixed prompt's ‖v‖
+    (with the bare prompt's, δ grew past the weights and broke a MEMIT batch), and a subject
+    elsewhere keeps the bare prompt's."""
+    lm = tiny_model(model_type, add_bos=False)
+    layer, module = 1, lm.adapter.mlp_out_name(1)
+    at_start = EditRequest(prompt="It is located in", subject="It", target_new="Rome")
+    inside = EditRequest(prompt="I think It is located in", subject="It", target_new="Rome")
+    bare = AnchoredBatch.build(lm, context_rows(at_start, PREFIXES[:1]))
+    assert bare.anchor == 0  # the subject is the sink itself
+
+    seen = {}  # the positions of the body's current pass, for the hook at the module
+
+    def positions(_body, _args, kwargs):
+        seen["positions"] = kwargs["position_ids"]
+
+    def sink(_module, _inputs, output):
+        return torch.where((seen["positions"] == 0)[..., None], 1000.0 * output, output)
+
+    def unedited_norms(request):
+        batch = AnchoredBatch.build(lm, context_rows(request, PREFIXES))
+        run = AnchoredRun(lm, batch, layer, captures=[module], fast=False)
+        return run.captured[module].output[:, run.anchor_index].norm(dim=-1)
+
+    options = ValueOptions(lr=2.0, max_steps=6, stop_nll=0.0, clamp_norm=0.5)
+    handles = [
+        lm.adapter.body.register_forward_pre_hook(positions, with_kwargs=True),
+        lm.model.get_submodule(module).register_forward_hook(sink),
+    ]
+    try:
+        start_norms, inside_norms = unedited_norms(at_start), unedited_norms(inside)
+        assert start_norms[0] > 100 * start_norms[1]  # the simulated sink is in place
+        found = optimise_values(lm, layer, [at_start, inside], PREFIXES, options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert found[0].value_norm == pytest.approx(float(start_norms[1]), rel=1e-5)
+    assert found[1].value_norm == pytest.approx(float(inside_norms[0]), rel=1e-5)
+    for result in found:
+        assert float(result.delta.norm()) <= 0.5 * result.value_norm * (1 + 1e-5)
+        assert float(result.delta.norm()) > 0.1 * result.value_norm  # it did move

@@ -236,7 +236,8 @@ class ValueResult:
     ``keys`` (n_prefixes, d_k): the MLP-output-matrix input there behind each prefix; ``key`` their
     mean k*. ``outputs`` (n_prefixes, d): the module's unedited output there behind each prefix;
     ``output`` their mean (MEMIT's target hidden state is ``output + delta``). ``value_norm``:
-    ‖v‖ of the unedited output on the first prompt (the bare one). ``nll``: the mean target
+    ‖v‖ of the unedited output on the first prompt (the bare one) unless its subject is its first
+    token; then on the first prefixed prompt (:func:`value_scale`). ``nll``: the mean target
     negative log-likelihood before each step (and after the last); ``kl`` likewise.
     """
 
@@ -260,6 +261,23 @@ class ValueResult:
     @property
     def steps(self) -> int:
         return len(self.nll) - 1
+
+
+def value_scale(outputs: torch.Tensor, positions: torch.Tensor) -> float:
+    """‖v‖, the norm that ``lr``, ``weight_decay`` and ``clamp_norm`` are in units of: the
+    unedited output at the anchor of the first of a request's rows (``outputs`` (P, d), in
+    prompt order, the bare prompt first) whose anchor is not its sequence's first position
+    (``positions`` (P,)); the first row's if every anchor is.
+
+    The first position of a causal LM's sequence is its attention sink and carries a massive
+    activation in the residual stream of the middle and upper layers (SmolLM2-135M at layer 11:
+    ‖h‖ = 23,977 where other positions have about 155). A subject that is a prompt's first token
+    would otherwise have its δ scaled, and clipped, by that norm and break a MEMIT batch
+    (docs/memit.md, "A subject at the first token").
+    """
+    inside = torch.nonzero(positions != 0).flatten()
+    row = int(inside[0]) if len(inside) else 0
+    return float(outputs[row].norm())
 
 
 def injection_scales(
@@ -446,7 +464,9 @@ def _optimise_batch(
     compute_dtype = torch.promote_types(lm.dtype, torch.float32)
     for i in range(n):
         first = i * block
-        value_norm = float(outputs[first, a].norm())
+        value_norm = value_scale(
+            outputs[first : first + p, a], batch.position_ids[first : first + p, batch.anchor]
+        )
         norms.append(max(value_norm, 1e-6))
         # δ, its Adam state and the loss in float32 or better whatever the model's dtype (a
         # float16 δ overflows in Adam's first step); it is cast where it enters the hidden state
