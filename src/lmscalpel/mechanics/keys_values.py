@@ -38,6 +38,7 @@ from lmscalpel.models.loaded import LoadedModel
 from lmscalpel.runtime.hooks import Tap, tap
 from lmscalpel.runtime.kv import run_body
 from lmscalpel.runtime.layers import from_layer
+from lmscalpel.runtime.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class AnchorStates:
                 kept.append(seen[kept_name].input)
         if keep is not None:
             self._kept = (keep, kept)
+        release_freed_memory()  # the passes' activations (and the layer inputs kept before)
         return (
             {n: torch.cat(parts) for n, parts in found_in.items()},
             {n: torch.cat(parts) for n, parts in found_out.items()},
@@ -188,9 +190,9 @@ class ValueOptions(MethodConfig):
     them). A method that optimises values (ROME, MEMIT, AlphaEdit) *is* these options plus its own
     fields: its config class derives from this one, so the fields exist once.
 
-    ``lr`` is in units of the unedited value's norm ‖v‖ per √d, so one value suits models of any
-    width and scale; Adam's β = (0.5, 0.9) (short memory) reaches the target in fewer steps than
-    the default β here.
+    ``lr`` is in units of the unedited value's norm ‖v‖ (:func:`value_scale`) per √d, so one
+    value suits models of any width and scale; Adam's β = (0.5, 0.9) (short memory) reaches the
+    target in fewer steps than the default β here.
     """
 
     lr: float = option(
@@ -354,6 +356,7 @@ def optimise_values(
         found = _optimise_batch(lm, layer, chunk, prefixes, options, module, key_solver, indices)
         for i, result in zip(indices, found):
             results[i] = result
+        release_freed_memory()  # the batch's activations, before the next one allocates its own
     return results  # type: ignore[return-value]
 
 
