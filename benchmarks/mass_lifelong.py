@@ -393,13 +393,6 @@ def labelled(longest: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, l
     }
 
 
-def compared_curves(
-    found: dict[str, dict], partial: dict[str, dict[str, list[dict]]] | None = None
-) -> dict[str, dict[str, list[dict]]]:
-    """Per sequential run name, each method's longest curve, labelled with its edits."""
-    return labelled(longest_curves(found, partial))
-
-
 SAME_SEQUENCE = ("rome",)
 """Methods whose call edits its requests one at a time, each on the model carrying the earlier
 ones (tests/test_rome.py::test_a_group_of_requests_is_the_same_edits_as_one_call_each): their

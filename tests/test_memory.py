@@ -6,8 +6,6 @@ import torch
 from lmscalpel.evaluation.resources import rss_bytes
 from lmscalpel.runtime import memory
 
-MB = 1024 * 1024
-
 glibc = pytest.mark.skipif(memory._malloc_trim() is None, reason="needs glibc's malloc_trim")
 
 
@@ -29,7 +27,7 @@ def test_the_pages_of_freed_tensors_leave_the_resident_set():
     assert memory.release_freed_memory()
     after = rss_bytes()
     assert before - after > held // 2
-    assert len(keepers) == 8_000
+    del keepers  # alive until here: they kept the holes from merging
 
 
 def test_without_glibc_it_does_nothing(monkeypatch):

@@ -492,7 +492,7 @@ def test_benchmark_compares_each_method_s_largest_sequence():
         "sequential-1-n50": {"retention": {"rome": [{"edits": 50}]}},
     }
     partial = {"sequential-1-n1000": {"rome": [{"edits": 10}, {"edits": 100}]}}
-    curves = bench.compared_curves(found, partial)
+    curves = bench.labelled(bench.longest_curves(found, partial))
     assert curves["sequential-100"] == {
         "alphaedit (2000 edits)": [{"edits": 2000, "ES": 0.9}],
         "memit (500 edits)": [{"edits": 500}],
