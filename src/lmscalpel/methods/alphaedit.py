@@ -112,7 +112,7 @@ class AlphaEditConfig(MassEditConfig):
     space and the ridge."""
 
     null_energy: float = option(
-        0.05,
+        0.1,
         "the null space: C's eigenvectors with the smallest eigenvalues holding at most this "
         "share of E[‖k‖²]",
         above=0,
