@@ -127,6 +127,10 @@ def tap(
     finally:
         for handle in handles:
             handle.remove()
+        # The signal's traceback holds the forward pass's frames (every activation in them) and
+        # ``done``'s frame, whose closure holds the signal: a reference cycle that only the
+        # garbage collector would free, long after the activations should have gone.
+        signal.__traceback__ = None
 
 
 def add_at_positions(
