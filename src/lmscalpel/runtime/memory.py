@@ -9,7 +9,9 @@ as well as at the top, in a few milliseconds. The value optimisation and the key
 (:mod:`lmscalpel.mechanics.keys_values`) call :func:`release_freed_memory` after each batch: with
 it every value batch of a MEMIT batch of 1,000 requests starts back at the model's resident size,
 and the peak above the model of a batch of 300 fell from 1,681 to 1,473 MiB (docs/memit.md,
-"Memory"). It changes no result, only the resident set.
+"Memory"). It changes no result, only the resident set. (What the key passes kept beyond that
+was not the allocator's: a reference cycle held each stopped pass's activations until the
+garbage collector ran; :func:`lmscalpel.runtime.hooks.tap` now breaks it.)
 
 Without glibc (macOS, musl) it does nothing; a GPU's memory is torch's caching allocator's, and
 it leaves that alone.
