@@ -1,5 +1,8 @@
 """The one hook primitive: tap reads, replaces, keeps gradients, stops early, and always cleans up."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -158,9 +161,6 @@ def test_stop_waits_for_every_tapped_module(tiny):
 def test_a_stopped_pass_frees_its_activations_without_the_garbage_collector(any_tiny):
     """The stop signal's traceback holds the forward pass's frames; a cycle through it would keep
     every activation alive until the collector ran (MEMIT's key passes grew ~0.4 GB a layer)."""
-    import gc
-    import weakref
-
     lm = any_tiny
     a, ids = lm.adapter, _ids(lm)
     alive = []
